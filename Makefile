@@ -1,0 +1,37 @@
+# Two commands a new user needs: `make demo` and `make test`. Both create .venv when it is missing or
+# stale (the stamp is a hash of the requirement files), then do their job.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+REQS   := requirements/torch.txt requirements/base.txt requirements/nodeps.txt pyproject.toml
+STAMP  := $(VENV)/.stamp-$(shell cat $(REQS) | sha256sum | cut -c1-16)
+DEMO   ?= demo-out
+
+.PHONY: env demo test test-all clean
+
+env: $(STAMP)
+
+$(STAMP): $(REQS)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/torch.txt
+	$(PY) -m pip install -q -r requirements/base.txt
+	$(PY) -m pip install -q --no-deps -r requirements/nodeps.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: env
+	$(PY) scripts/export.py --model sao-mini --synthetic-weights --scheme fp32 --out $(DEMO)/export
+	$(PY) scripts/generate.py --export $(DEMO)/export --prompt "rain on a tin roof with distant thunder" \
+		--seconds 5 --seed 7 --out $(DEMO)/rain.wav
+	@echo "demo: ONNX graphs and manifest in $(DEMO)/export, audio in $(DEMO)/rain.wav"
+
+test: env
+	$(PY) -m pytest -q tests
+
+test-all: env
+	$(PY) -m pytest -q --run-slow tests
+
+clean:
+	rm -rf $(VENV) $(DEMO)

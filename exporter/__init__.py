@@ -1,0 +1,1 @@
+"""quadit exporter: model presets and loading, synthetic weights, and torch -> ONNX export."""
