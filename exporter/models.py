@@ -37,6 +37,7 @@ class ModelSpec:
     t5: str | None = None
     synthetic_weights: bool = False
     seed: int = 0
+    config: dict[str, Any] | None = None  # a config dict taking precedence over model/model_config
 
 
 @dataclass
@@ -133,6 +134,9 @@ def _load_weights(wrapper: Any, path: Path) -> None:
 
 
 def _model_config(spec: ModelSpec, checkpoint: Path | None) -> dict[str, Any]:
+    if spec.config is not None:
+        presets.validate_sao_family(spec.config)
+        return copy.deepcopy(spec.config)
     if spec.model_config:
         return presets.load_config_file(Path(spec.model_config))
     if checkpoint is not None and (checkpoint.parent / "model_config.json").is_file():
@@ -162,7 +166,7 @@ def build(config: dict[str, Any], t5: T5Source, seed: int) -> Any:
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     """The model the user asked for, with an identity record for every artifact's manifest."""
-    if spec.model not in presets.PRESETS and not spec.model_config:
+    if spec.model not in presets.PRESETS and not (spec.model_config or spec.config):
         raise InputError(f"unknown model '{spec.model}' (choose from: {', '.join(presets.PRESETS)})")
     checkpoint = None
     if not spec.synthetic_weights:
@@ -189,3 +193,23 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         identity["checkpoint"] = str(checkpoint.resolve())
         identity["synthetic"] = False
     return LoadedModel(wrapper=wrapper, config=config, identity=identity)
+
+
+def reload_from_identity(manifest: dict[str, Any]) -> LoadedModel:
+    """Rebuild the PyTorch model an export was made from (for the reference backend), and check that it
+    is the same model: config hash, and checkpoint sha256 or synthetic seed."""
+    identity = manifest["model"]
+    weights = identity["weights"]
+    if weights.startswith("synthetic:"):
+        spec = ModelSpec(model=identity["model"], synthetic_weights=True, seed=int(weights.split(":", 1)[1]),
+                         config=manifest["model_config"])
+    else:
+        spec = ModelSpec(model=identity["model"], checkpoint=identity.get("checkpoint"),
+                         config=manifest["model_config"],
+                         t5=identity["t5"].split(":", 1)[1] if identity["t5"].startswith("dir:") else None)
+    loaded = load_model(spec)
+    for key in ("config_sha256", "weights"):
+        if loaded.identity[key] != identity[key]:
+            raise InputError(f"the PyTorch model rebuilt for this export differs from the exported one "
+                             f"({key}: {loaded.identity[key][:24]} != {identity[key][:24]})")
+    return loaded

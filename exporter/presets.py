@@ -81,7 +81,7 @@ STABLE_AUDIO_OPEN = _config(vae_channels=128, t5_name="t5-base", t5_max_length=1
 # The text encoder is a 2-layer T5 of t5-small's width (512, the width stable-audio-tools assigns to
 # the name "t5-small") with a byte tokenizer, projected to 256 by the conditioner's own proj_out.
 SAO_MINI = _config(vae_channels=16, t5_name="t5-small", t5_max_length=64, cond_dim=256, embed_dim=512, depth=6,
-                   num_heads=8, sample_size=65536)
+                   num_heads=8, sample_size=524288)
 SAO_MINI["quadit"] = {"synthetic_t5": {"num_layers": 2, "d_ff": 1024}}
 
 PRESETS: dict[str, dict[str, Any]] = {"stable-audio-open": STABLE_AUDIO_OPEN, "sao-mini": SAO_MINI}

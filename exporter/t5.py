@@ -41,7 +41,7 @@ class T5Source:
     def describe(self) -> str:
         if self.kind == "synthetic":
             return f"synthetic:{self.seed} (byte tokenizer)"
-        return f"{self.kind}:{self.path}"
+        return f"{self.kind}:{self.path}" if self.path else self.kind
 
 
 def _synthetic(name: str, source: T5Source):

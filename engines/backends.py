@@ -1,0 +1,114 @@
+"""Backends behind one interface: the graphs of an export, run by PyTorch or ONNX Runtime.
+
+A backend computes conditioning tensors and decodes latents; its `dit` is a callable with the call
+signature of stable-audio-tools' `DiTWrapper`, so the runtime hands it to stable-audio-tools' own
+`sample_k` (k-diffusion's v-denoiser and dpmpp-3m-sde) exactly as `generate_diffusion_cond` does.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    name: str
+    dit: Any  # DiTWrapper-compatible callable
+
+    def conditioning(self, metadata: list[dict[str, Any]]) -> dict[str, Any]:
+        """stable-audio-tools MultiConditioner output: id -> [tensor, mask]."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, C, L] -> audio [B, 2, L * ratio]."""
+
+
+class TorchBackend:
+    """The reference: the stable-audio-tools model itself."""
+
+    name = "torch"
+
+    def __init__(self, wrapper: Any) -> None:
+        self.wrapper = wrapper
+        self.dit = wrapper.model
+
+    def conditioning(self, metadata: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.wrapper.conditioner(metadata, "cpu")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.wrapper.pretransform.decode(latents)
+
+
+class OrtDiT:
+    """A DiT graph run by ONNX Runtime, callable like `DiTWrapper.forward`.
+
+    Classifier-free guidance follows `DiffusionTransformer.forward`: conditioned and unconditioned
+    inputs as one batch of 2 (the unconditioned cross-attention tokens are zeros, the global embedding
+    is shared), then uncond + (cond - uncond) * cfg_scale.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.calls = 0
+
+    def run(self, x: torch.Tensor, t: torch.Tensor, cross: torch.Tensor, global_embed: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        feeds = {"x": x.float().numpy(), "t": t.float().numpy(), "cross_attn_cond": cross.float().numpy(),
+                 "global_embed": global_embed.float().numpy()}
+        return torch.from_numpy(self.session.run(["v"], feeds)[0])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cross_attn_cond: torch.Tensor | None = None,
+                 global_cond: torch.Tensor | None = None, cfg_scale: float = 1.0, scale_phi: float = 0.0,
+                 **_ignored: Any) -> torch.Tensor:
+        if cross_attn_cond is None or global_cond is None:
+            raise ValueError("the exported DiT needs cross-attention and global conditioning")
+        if scale_phi != 0.0:
+            raise ValueError("CFG rescale (scale_phi) is not supported by the ONNX backend")
+        if cfg_scale == 1.0:
+            return self.run(x, t, cross_attn_cond, global_cond)
+        batch = self.run(torch.cat([x, x]), torch.cat([t, t]),
+                         torch.cat([cross_attn_cond, torch.zeros_like(cross_attn_cond)]),
+                         torch.cat([global_cond, global_cond]))
+        cond, uncond = torch.chunk(batch, 2, dim=0)
+        return uncond + (cond - uncond) * cfg_scale
+
+
+class OrtBackend:
+    """All graphs of an export directory in ONNX Runtime sessions (CPU)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, export_dir: Path, manifest: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        from exporter.onnx_export import ort_session
+
+        self.manifest = manifest
+        self.layout = manifest["conditioning"]
+        graphs = manifest["graphs"]
+        self.sessions = {name: ort_session(Path(export_dir) / g["file"]) for name, g in graphs.items()}
+        self.tokenizer = AutoTokenizer.from_pretrained(str(Path(export_dir) / "tokenizer"), local_files_only=True)
+        self.dit = OrtDiT(self.sessions["dit"])
+
+    def conditioning(self, metadata: list[dict[str, Any]]) -> dict[str, Any]:
+        text_id = self.layout["text_id"]
+        encoded = self.tokenizer([m[text_id] for m in metadata], truncation=True,
+                                 max_length=self.layout["text_max_length"], padding="max_length", return_tensors="np")
+        ids = encoded["input_ids"].astype(np.int64)
+        mask = encoded["attention_mask"].astype(np.int64)
+        hidden = self.sessions["text_encoder"].run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        out: dict[str, Any] = {text_id: [torch.from_numpy(hidden), torch.from_numpy(mask).bool()]}
+        number_ids = self.layout["number_ids"]
+        feeds = {i: np.asarray([float(m[i]) for m in metadata], dtype=np.float32) for i in number_ids}
+        embeds = self.sessions["conditioners"].run([f"{i}_embed" for i in number_ids], feeds)
+        for i, embed in zip(number_ids, embeds):
+            out[i] = [torch.from_numpy(embed), torch.ones(len(metadata), 1)]
+        return out
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        audio = self.sessions["vae_decoder"].run(["audio"], {"latents": latents.float().numpy()})[0]
+        return torch.from_numpy(audio)

@@ -1,0 +1,176 @@
+"""Export a loaded model to an export directory: graphs, tokenizer, parity figures, manifest."""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from exporter import graphs, onnx_export
+from exporter.artifacts import atomic_dir, sha256_of, write_manifest
+from exporter.errors import InputError
+from exporter.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("fp32", "fp16")
+# Model-card sampler defaults of Stable Audio Open 1.0; the runtime reads them from the manifest.
+SAMPLER_DEFAULTS = {"sampler_type": "dpmpp-3m-sde", "steps": 100, "cfg_scale": 7.0, "sigma_min": 0.3,
+                    "sigma_max": 500.0, "rho": 1.0}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    scheme: str = "fp32"
+    parity_lengths: tuple[int, int] = (32, 77)
+    parity_batch: int = 2
+    fp32_tolerance: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise InputError(f"unknown scheme '{self.scheme}' for this export (choose from: {', '.join(SCHEMES)})")
+        if len(self.parity_lengths) != 2 or min(self.parity_lengths) < 1:
+            raise InputError("parity_lengths must be two positive latent lengths")
+
+
+def _conditioning_layout(loaded: LoadedModel) -> dict[str, Any]:
+    model_cfg = loaded.config["model"]
+    conds = model_cfg["conditioning"]["configs"]
+    diffusion = model_cfg["diffusion"]
+    numbers = {c["id"]: {"min_val": c["config"].get("min_val", 0), "max_val": c["config"].get("max_val", 1)}
+               for c in conds if c["type"] == "number"}
+    t5 = [c for c in conds if c["type"] == "t5"][0]
+    return {"text_id": t5["id"], "text_max_length": int(t5["config"].get("max_length", 128)),
+            "number_ids": list(numbers), "numbers": numbers,
+            "cross_attention_cond_ids": diffusion.get("cross_attention_cond_ids", []),
+            "global_cond_ids": diffusion.get("global_cond_ids", [])}
+
+
+def _dims(loaded: LoadedModel, layout: dict[str, Any]) -> dict[str, int]:
+    dit = loaded.dit
+    cond_dim = int(loaded.config["model"]["conditioning"]["cond_dim"])
+    tokens = layout["text_max_length"] + sum(1 for i in layout["cross_attention_cond_ids"] if i != layout["text_id"])
+    return {"io_channels": int(loaded.config["model"]["io_channels"]), "cond_dim": cond_dim, "cond_tokens": tokens,
+            "global_dim": cond_dim * len(layout["global_cond_ids"]), "embed_dim": int(dit.transformer.dim),
+            "depth": len(dit.transformer.layers), "sample_rate": loaded.sample_rate,
+            "downsampling_ratio": int(loaded.wrapper.pretransform.downsampling_ratio),
+            "audio_channels": int(loaded.config.get("audio_channels", 2))}
+
+
+def _specs(loaded: LoadedModel, scheme: str, dims: dict[str, int], layout: dict[str, Any]
+           ) -> tuple[list[onnx_export.GraphSpec], dict[str, torch.nn.Module]]:
+    """The graphs to export and, per graph, the FP32 module its parity is measured against."""
+    from exporter.precision import fp16_dit
+
+    g = torch.Generator().manual_seed(1234)
+    b, length = 2, 16
+    dit_ref = graphs.DiTGraph(loaded.dit).eval()
+    dit = graphs.DiTGraph(fp16_dit(loaded.dit)).eval() if scheme == "fp16" else dit_ref
+    dit_example = (torch.randn(b, dims["io_channels"], length, generator=g), torch.rand(b, generator=g),
+                   torch.randn(b, dims["cond_tokens"], dims["cond_dim"], generator=g),
+                   torch.randn(b, dims["global_dim"], generator=g))
+    text = graphs.TextEncoderGraph(loaded.t5_conditioner).eval()
+    seq = layout["text_max_length"]
+    text_example = (torch.randint(3, 300, (b, seq), generator=g), torch.ones(b, seq, dtype=torch.int64))
+    numbers = graphs.NumberConditionersGraph(
+        {i: loaded.wrapper.conditioner.conditioners[i] for i in layout["number_ids"]}).eval()
+    vae = graphs.VAEDecoderGraph(loaded.wrapper.pretransform).eval()
+    specs = [
+        onnx_export.GraphSpec("dit", dit, dit_example, graphs.DIT_INPUTS, graphs.DIT_OUTPUTS,
+                              {"x": {0: "batch", 2: "length"}, "t": {0: "batch"},
+                               "cross_attn_cond": {0: "batch"}, "global_embed": {0: "batch"}}),
+        onnx_export.GraphSpec("text_encoder", text, text_example, graphs.TEXT_INPUTS, graphs.TEXT_OUTPUTS,
+                              {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}}),
+        onnx_export.GraphSpec("conditioners", numbers, tuple(torch.rand(b) * 30 for _ in layout["number_ids"]),
+                              tuple(layout["number_ids"]), tuple(f"{i}_embed" for i in layout["number_ids"]),
+                              {i: {0: "batch"} for i in layout["number_ids"]}),
+        onnx_export.GraphSpec("vae_decoder", vae, (torch.randn(1, dims["io_channels"], 4, generator=g),),
+                              graphs.VAE_INPUTS, graphs.VAE_OUTPUTS, {"latents": {0: "batch", 2: "length"}}),
+    ]
+    return specs, {"dit": dit_ref, "text_encoder": text, "conditioners": numbers, "vae_decoder": vae}
+
+
+def _parity_cases(spec: onnx_export.GraphSpec, lengths: tuple[int, int], batch: int, seed: int
+                  ) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    if spec.name == "dit":
+        _, c, _ = spec.example[0].shape
+        s, d = spec.example[2].shape[1:]
+        return [(torch.randn(batch, c, n, generator=g), torch.rand(batch, generator=g),
+                 torch.randn(batch, s, d, generator=g), torch.randn(batch, spec.example[3].shape[1], generator=g))
+                for n in lengths]
+    if spec.name == "vae_decoder":
+        c = spec.example[0].shape[1]
+        return [(torch.randn(1, c, n, generator=g),) for n in (2, 5)]
+    if spec.name == "text_encoder":
+        ids, mask = spec.example
+        mask = mask.clone()
+        mask[1, ids.shape[1] // 2:] = 0
+        return [(torch.randint(3, 300, ids.shape, generator=g) * mask, mask)]
+    return [tuple(torch.rand(batch, generator=g) * 600 - 50 for _ in spec.example)]
+
+
+def export_model(loaded: LoadedModel, out: Path, options: ExportOptions) -> dict[str, Any]:
+    """Export every graph of `loaded` into `out` (atomically) and return the manifest."""
+    layout = _conditioning_layout(loaded)
+    dims = _dims(loaded, layout)
+    started = time.time()
+    with atomic_dir(Path(out)) as tmp:
+        specs, references = _specs(loaded, options.scheme, dims, layout)
+        entries: dict[str, Any] = {}
+        for spec in tqdm(specs, desc="export", unit="graph"):
+            log.info("exporting %s", spec.name)
+            t0 = time.time()
+            entry = onnx_export.export_graph(spec, tmp / f"{spec.name}.onnx")
+            entry["precision"] = options.scheme if spec.name == "dit" else "fp32"
+            entry["export_seconds"] = round(time.time() - t0, 1)
+            session = onnx_export.ort_session(tmp / entry["file"])
+            cases = _parity_cases(spec, options.parity_lengths, options.parity_batch, options.seed)
+            entry["parity"] = onnx_export.parity(session, spec.module, cases, spec.input_names,
+                                                 reference=references[spec.name])
+            del session
+            entry["sha256"] = {f: sha256_of(tmp / f) for f in entry["files"]}
+            entries[spec.name] = entry
+        dit_parity = entries["dit"]["parity"]
+        tolerance = options.fp32_tolerance if options.scheme == "fp32" else None
+        if tolerance is not None and dit_parity["max_rel_error"] > tolerance:
+            raise RuntimeError(f"DiT ONNX parity {dit_parity['max_rel_error']:.2e} exceeds {tolerance:.0e}: "
+                               "the exported graph does not match PyTorch")
+        loaded.t5_conditioner.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        manifest = {
+            "kind": "quadit-export",
+            "model": loaded.identity,
+            "model_config": loaded.config,
+            "scheme": options.scheme,
+            "dims": dims,
+            "conditioning": layout,
+            "sampler_defaults": SAMPLER_DEFAULTS,
+            "graphs": entries,
+            "parity": {"max_rel_error": dit_parity["max_rel_error"], "max_abs_error": dit_parity["max_abs_error"],
+                       "graph": "dit", "latent_lengths": list(options.parity_lengths),
+                       "reference": "PyTorch FP32", "tolerance": tolerance,
+                       "metric": "max|onnx - torch| / max|torch| over random inputs"},
+            "options": asdict(options),
+            "versions": _versions(),
+            "export_seconds": round(time.time() - started, 1),
+        }
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("quadit", "torch", "onnx", "onnxruntime", "stable-audio-tools", "k-diffusion", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out

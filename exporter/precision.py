@@ -1,0 +1,48 @@
+"""FP16 copies of the DiT with FP32 islands where the numerics need them.
+
+A strongly typed TensorRT build keeps exactly the types the ONNX graph carries (TRT 10.12 deprecated and
+TRT 11 removed the FP16 builder flag), so the graph itself must say FP32 where FP16 is not good enough:
+- LayerNorm: mean/variance over 1536 channels with outlier channels of 40-80x lose digits in FP16;
+  stable-audio-tools' own `force_fp32` switch computes it in FP32 and casts back.
+- RoPE: position x frequency products reach ~1e3 at 1024 tokens; FP16 keeps 3 digits, so the angles
+  would be off by radians. The rotary module and `apply_rotary_pos_emb` run in FP32.
+- The timestep path (Fourier features and the timestep MLP): sin/cos of 2*pi*w*t with |w| up to ~4 and
+  the t-dependent magnitudes of the global token; kept FP32, cast to FP16 where it joins the stream.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def _cast_inputs(dtype: torch.dtype):
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    return hook
+
+
+def _cast_output(dtype: torch.dtype):
+    def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.to(dtype)
+
+    return hook
+
+
+def fp16_dit(dit: nn.Module) -> nn.Module:
+    """A deep copy of a DiffusionTransformer in FP16 with the FP32 islands above."""
+    from stable_audio_tools.models.transformer import LayerNorm
+
+    half = copy.deepcopy(dit).half()
+    for module in half.modules():
+        if isinstance(module, LayerNorm):
+            module.force_fp32 = True
+    if half.transformer.rotary_pos_emb is not None:
+        half.transformer.rotary_pos_emb.float()
+    half.timestep_features.float()
+    half.to_timestep_embed.float()
+    half.timestep_features.register_forward_pre_hook(_cast_inputs(torch.float32))
+    half.to_timestep_embed.register_forward_hook(_cast_output(torch.float16))
+    return half
