@@ -121,16 +121,18 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
         raise InputError(f"checkpoint {path} is corrupt or unreadable: {first}") from None
 
 
-def _load_weights(wrapper: Any, path: Path) -> None:
-    state = _read_state_dict(path)
-    if not isinstance(state, dict) or not state:
-        raise InputError(f"checkpoint {path} holds no state dict")
+def _load_weights(wrapper: Any, state: dict[str, Any], path: Path) -> None:
     result = wrapper.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("conditioner.conditioners.prompt")]
-    if missing or result.unexpected_keys:
+    # T5Conditioner keeps its encoder outside the module tree, so T5 weights saved inside a checkpoint
+    # are not the wrapper's keys; the encoder comes from --t5 or the HF cache instead.
+    t5_keys = tuple(f"conditioner.conditioners.{name}.model." for name, c in wrapper.conditioner.conditioners.items()
+                    if hasattr(c, "tokenizer"))
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(t5_keys)]
+    missing = list(result.missing_keys)
+    if missing or unexpected:
         raise InputError(
             f"checkpoint {path} does not match the model config: {len(missing)} missing keys "
-            f"(e.g. {missing[:2]}), {len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})")
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
 
 
 def _model_config(spec: ModelSpec, checkpoint: Path | None) -> dict[str, Any]:
@@ -175,6 +177,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                              "(or give --checkpoint for a model trained with this config)")
         checkpoint = resolve_checkpoint(spec)
     config = _model_config(spec, checkpoint)
+    state = None
+    if checkpoint is not None:  # read (and so validate) the checkpoint before the slow model build
+        state = _read_state_dict(checkpoint)
+        if not isinstance(state, dict) or not state:
+            raise InputError(f"checkpoint {checkpoint} holds no state dict")
     overrides = config.get("quadit", {}).get("synthetic_t5", {})
     t5 = resolve_t5_source(spec.t5, spec.synthetic_weights, spec.seed, overrides)
     log.info("building %s (%s weights)", spec.model, "synthetic" if spec.synthetic_weights else "checkpoint")
@@ -187,8 +194,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         identity["weights"] = f"synthetic:{spec.seed}"
         identity["synthetic"] = True
     else:
-        assert checkpoint is not None
-        _load_weights(wrapper, checkpoint)
+        assert checkpoint is not None and state is not None
+        _load_weights(wrapper, state, checkpoint)
         identity["weights"] = f"sha256:{sha256_file(checkpoint)}"
         identity["checkpoint"] = str(checkpoint.resolve())
         identity["synthetic"] = False

@@ -75,8 +75,12 @@ def export_graph(spec: GraphSpec, path: Path) -> dict[str, Any]:
     if model.ir_version > IR_VERSION:
         model.ir_version = IR_VERSION
         onnx.save(model, str(path))
+    import numpy as np
+
+    graph_bytes = sum(int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                      for t in model.graph.initializer)
     files = [path.name] + ([p.name for p in path.parent.glob(path.name + ".data")] if external else [])
-    return {"file": path.name, "files": files, "external_data": external, "weight_bytes": weight_bytes(spec.module),
+    return {"file": path.name, "files": files, "external_data": external, "weight_bytes": graph_bytes,
             "inputs": list(spec.input_names), "outputs": list(spec.output_names),
             "dynamic_axes": {k: {str(a): lbl for a, lbl in v.items()} for k, v in spec.dynamic.items()},
             "opset": OPSET, "ir_version": min(model.ir_version, IR_VERSION)}

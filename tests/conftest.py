@@ -1,0 +1,66 @@
+"""Shared fixtures: the sao-mini model with synthetic weights and its FP32 export, built once per run.
+
+Markers: `gpu` (needs CUDA), `trt` (needs TensorRT) and `slow` (needs --run-slow) skip themselves
+where their requirement is absent.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow (full-size models)")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = False
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        pass
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    skips = {
+        "slow": (not config.getoption("--run-slow"), "needs --run-slow"),
+        "gpu": (not has_gpu, "needs a CUDA GPU"),
+        "trt": (not has_trt, "needs TensorRT"),
+    }
+    for item in items:
+        for marker, (skip, why) in skips.items():
+            if skip and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(scope="session")
+def mini():
+    from exporter.models import ModelSpec, load_model
+
+    return load_model(ModelSpec(model="sao-mini", synthetic_weights=True, seed=0))
+
+
+@pytest.fixture(scope="session")
+def mini_export(mini, tmp_path_factory):
+    from exporter.export import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("export") / "sao-mini-fp32"
+    manifest = export_model(mini, out, ExportOptions(scheme="fp32"))
+    return out, manifest
+
+
+def run_script(name: str, *args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run one of scripts/*.py in a subprocess with this interpreter."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT, env=env)
