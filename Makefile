@@ -1,9 +1,9 @@
 # Two commands a new user needs: `make demo` and `make test`. Both create .venv when it is missing or
-# stale (the stamp is a hash of the requirement files), then do their job.
+# stale (the stamp is a hash of requirements/*.txt; the package itself is installed editable), then do their job.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
-REQS   := requirements/torch.txt requirements/base.txt requirements/nodeps.txt pyproject.toml
+REQS   := requirements/torch.txt requirements/base.txt requirements/nodeps.txt
 STAMP  := $(VENV)/.stamp-$(shell cat $(REQS) | sha256sum | cut -c1-16)
 DEMO   ?= demo-out
 
