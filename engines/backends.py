@@ -32,12 +32,13 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, wrapper: Any) -> None:
-        self.wrapper = wrapper
+    def __init__(self, wrapper: Any, device: str = "cpu") -> None:
+        self.wrapper = wrapper.to(device)
         self.dit = wrapper.model
+        self.device = device
 
     def conditioning(self, metadata: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.wrapper.conditioner(metadata, "cpu")
+        return self.wrapper.conditioner(metadata, self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.wrapper.pretransform.decode(latents)

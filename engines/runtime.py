@@ -77,14 +77,27 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, opts: GenerateOptions) -> Result:
+        timings: dict[str, float] = {}
+        latents = self.generate_latents(opts, timings)
+        t0 = time.perf_counter()
+        audio = self.backend.decode(latents.float())
+        timings["decode_s"] = time.perf_counter() - t0
+        samples = int(round(opts.seconds * self.dims["sample_rate"]))
+        return Result(latents=latents, audio=audio[..., :samples], sample_rate=self.dims["sample_rate"],
+                      timings=timings)
+
+    @torch.no_grad()
+    def generate_latents(self, opts: GenerateOptions, timings: dict[str, float] | None = None) -> torch.Tensor:
+        """Conditioning and the sampler loop, without the VAE (calibration needs only this part)."""
         from stable_audio_tools.inference.sampling import sample_k
         from stable_audio_tools.models.diffusion import ConditionedDiffusionModelWrapper
 
         opts.validate(self.max_seconds)
-        timings: dict[str, float] = {}
+        timings = {} if timings is None else timings
         length = self.latent_length(opts.seconds)
+        device = getattr(self.backend, "device", "cpu")
         torch.manual_seed(opts.seed)
-        noise = torch.randn([1, self.dims["io_channels"], length])
+        noise = torch.randn([1, self.dims["io_channels"], length], device=device)
         t0 = time.perf_counter()
         metadata = [{self.manifest["conditioning"]["text_id"]: opts.prompt, "seconds_start": opts.seconds_start,
                      "seconds_total": opts.seconds}]
@@ -93,15 +106,10 @@ class Pipeline:
         timings["conditioning_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         latents = sample_k(self.backend.dit, noise, None, opts.steps, sampler_type=opts.sampler_type,
-                           sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho, device="cpu",
+                           sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho, device=device,
                            **inputs, cfg_scale=opts.cfg_scale, batch_cfg=True, rescale_cfg=True)
         timings["sampling_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        audio = self.backend.decode(latents.float())
-        timings["decode_s"] = time.perf_counter() - t0
-        samples = int(round(opts.seconds * self.dims["sample_rate"]))
-        return Result(latents=latents, audio=audio[..., :samples], sample_rate=self.dims["sample_rate"],
-                      timings=timings)
+        return latents
 
 
 def open_pipeline(export_dir: Path, backend: str = "onnxruntime") -> Pipeline:

@@ -116,10 +116,17 @@ def _parity_cases(spec: onnx_export.GraphSpec, lengths: tuple[int, int], batch: 
     return [tuple(torch.rand(batch, generator=g) * 600 - 50 for _ in spec.example)]
 
 
+def runtime_spec(loaded: LoadedModel) -> dict[str, Any]:
+    """What the runtime needs to step the sampler for this model (a subset of the export manifest)."""
+    layout = _conditioning_layout(loaded)
+    return {"model": loaded.identity, "model_config": loaded.config, "dims": _dims(loaded, layout),
+            "conditioning": layout, "sampler_defaults": SAMPLER_DEFAULTS}
+
+
 def export_model(loaded: LoadedModel, out: Path, options: ExportOptions) -> dict[str, Any]:
     """Export every graph of `loaded` into `out` (atomically) and return the manifest."""
-    layout = _conditioning_layout(loaded)
-    dims = _dims(loaded, layout)
+    spec = runtime_spec(loaded)
+    layout, dims = spec["conditioning"], spec["dims"]
     started = time.time()
     with atomic_dir(Path(out)) as tmp:
         specs, references = _specs(loaded, options.scheme, dims, layout)

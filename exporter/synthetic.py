@@ -53,10 +53,14 @@ def _init_branch(linear: nn.Module, g: torch.Generator, std: float = BRANCH_STD)
         linear.bias.copy_(torch.randn(linear.bias.shape, generator=g) * 0.01)
 
 
-def _gamma_outliers(norm: nn.Module, consumers: list[nn.Linear], g: torch.Generator) -> None:
+def _gamma_outliers(norm: nn.Module, consumers: list[nn.Linear], g: torch.Generator,
+                    massive: torch.Tensor) -> None:
     dim = norm.gamma.shape[0]
     norm.gamma.copy_(1.0 + 0.1 * torch.randn(dim, generator=g))
-    idx = _pick(dim, g)
+    # The massive channels are among the large-gamma ones (as in trained transformers, where the
+    # attention-sink token's channels are amplified): the global token's normalised value in them grows
+    # as t -> 0, which carries the timestep effect past the LayerNorm into the Linear inputs.
+    idx = torch.unique(torch.cat([_pick(dim, g), massive]))
     gain = _uniform(len(idx), *GAMMA_RANGE, g)
     norm.gamma[idx] = gain
     for linear in consumers:
@@ -69,32 +73,31 @@ def _row_outliers(weight: torch.Tensor, rows: slice, g: torch.Generator) -> None
     block[idx] *= _uniform(len(idx), *GAMMA_RANGE, g)[:, None]
 
 
-def _shape_block(block: nn.Module, g: torch.Generator) -> None:
+def _shape_block(block: nn.Module, g: torch.Generator, massive: torch.Tensor) -> None:
     dim = block.dim
     sa = block.self_attn
-    _gamma_outliers(block.pre_norm, [sa.to_qkv], g)
+    _gamma_outliers(block.pre_norm, [sa.to_qkv], g, massive)
     _row_outliers(sa.to_qkv.weight, slice(2 * dim, 3 * dim), g)  # value rows -> to_out input outliers
     _init_branch(sa.to_out, g)
     if block.cross_attend:
         ca = block.cross_attn
-        _gamma_outliers(block.cross_attend_norm, [ca.to_q], g)
+        _gamma_outliers(block.cross_attend_norm, [ca.to_q], g, massive)
         kv = ca.to_kv.weight.shape[0] // 2
         _row_outliers(ca.to_kv.weight, slice(kv, 2 * kv), g)
         _init_branch(ca.to_out, g)
     glu, ff_out = block.ff.ff[0], block.ff.ff[2]
-    _gamma_outliers(block.ff_norm, [glu.proj], g)
+    _gamma_outliers(block.ff_norm, [glu.proj], g, massive)
     _row_outliers(glu.proj.weight, slice(0, glu.proj.weight.shape[0] // 2), g)  # GLU value half
     _init_branch(ff_out, g)
 
 
-def _massive_timestep_token(dit: nn.Module, g: torch.Generator) -> None:
+def _massive_timestep_token(dit: nn.Module, g: torch.Generator, channels: torch.Tensor) -> None:
     """Make a few channels of the timestep embedding ~ A * (1 - sin(2 pi f t)), large as t -> 0."""
     feats = dit.timestep_features.weight  # [F/2, 1]: features are [cos(2 pi w t), sin(2 pi w t)]
     half = feats.shape[0]
     feats[0, 0] = TIME_FREQ
     lin1, lin2 = dit.to_timestep_embed[0], dit.to_timestep_embed[2]
     units = torch.randperm(lin1.weight.shape[0], generator=g)[:MASSIVE_UNITS]
-    channels = torch.randperm(lin2.weight.shape[0], generator=g)[:MASSIVE_UNITS]
     amp = 10.0
     for u, c in zip(units.tolist(), channels.tolist()):
         lin1.weight[u] = 0.0
@@ -111,11 +114,12 @@ def shape_like_trained(wrapper: Any, seed: int) -> None:
     dit = wrapper.model.model
     for conv in (dit.preprocess_conv, dit.postprocess_conv):
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1 / math.sqrt(conv.weight.shape[1]))
+    massive = torch.randperm(dit.to_timestep_embed[2].weight.shape[0], generator=g)[:MASSIVE_UNITS]
     for block in dit.transformer.layers:
-        _shape_block(block, g)
+        _shape_block(block, g, massive)
     if hasattr(dit, "to_cond_embed"):
         _row_outliers(dit.to_cond_embed[2].weight, slice(None), g)
-    _massive_timestep_token(dit, g)
+    _massive_timestep_token(dit, g, massive)
 
 
 @torch.no_grad()

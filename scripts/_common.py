@@ -37,9 +37,11 @@ def model_spec(args: argparse.Namespace):
 
 def run(main: Callable[[], int | None]) -> None:
     """Run a CLI main: InputError -> `error: <one line>` on stderr and exit code 2."""
+    from calibration.artifact import ArtifactError
+
     try:
         code = main()
-    except InputError as exc:
+    except (InputError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Calibrate: run the PyTorch model through the runtime's sampler with hooks on every quantizable Linear
+and write timestep-bucketed activation statistics (calibration.json + calibration.safetensors), plots and
+a summary. Resumes an interrupted run with the same arguments; runs data-parallel under torchrun."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import add_model_args, model_spec, run, setup_logging  # noqa: E402
+
+log = logging.getLogger("calibrate")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_model_args(parser)
+    parser.add_argument("--prompts", default="seed", help="seed, augmented, or a text file (one prompt per line)")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps per prompt (model card: 100)")
+    parser.add_argument("--buckets", type=int, default=4, help="timestep buckets")
+    parser.add_argument("--bucket-by", default="step", help="step (equal steps per bucket) or t (equal t width)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="audio length the sampler runs at")
+    parser.add_argument("--cfg-scale", type=float, default=7.0)
+    parser.add_argument("--selection", default="all", help="all, uniform, random or activation-aware")
+    parser.add_argument("--budget", type=int, default=0, help="(prompt, step) samples kept by --selection")
+    parser.add_argument("--calib-seed", type=int, default=0, help="seed of prompts, noise and selection")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", required=True, help="artifact directory (replaced atomically)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    setup_logging(args.verbose)
+
+    from calibration.prompts import coverage_report, load_seed_prompts, select_prompts
+    from engines.calibrate import CalibrationSettings, calibrate
+    from exporter.errors import InputError
+    from exporter.models import load_model
+
+    settings = CalibrationSettings(steps=args.steps, buckets=args.buckets, bucket_by=args.bucket_by,
+                                   seconds=args.seconds, cfg_scale=args.cfg_scale, seed=args.calib_seed,
+                                   selection=args.selection, budget=args.budget, device=args.device)
+    if args.num_prompts < 1:
+        raise InputError("--num-prompts must be >= 1")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda was asked for but no CUDA GPU is available")
+    try:
+        prompts = select_prompts(args.prompts, args.num_prompts, seed=args.calib_seed)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    extra = {}
+    if args.prompts == "augmented":
+        extra["prompt_coverage"] = coverage_report(load_seed_prompts(), prompts)
+    loaded = load_model(model_spec(args))
+    meta = calibrate(loaded, prompts, settings, Path(args.out), prompt_source=args.prompts, extra_meta=extra)
+    if meta is None:  # a non-zero torchrun rank
+        return 0
+    summary = json.loads((Path(args.out) / "summary.json").read_text())
+    log.info("artifact in %s: %d layers, %d with outlier channels, block-input range growth >= %.2fx",
+             args.out, summary["num_layers"], summary["layers_with_outliers"], summary["min_block_input_range_growth"])
+    print(json.dumps({"out": str(Path(args.out).resolve()), "artifact_sha256": meta["artifact_sha256"],
+                      "min_outlier_channels": summary["min_outlier_channels"],
+                      "min_block_input_range_growth": summary["min_block_input_range_growth"],
+                      "selection": summary.get("selection", {}).get("coverage")}))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
