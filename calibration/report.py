@@ -65,11 +65,10 @@ def _markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
                   "per-channel maxima reached:", "", "| method | coverage |", "|---|---|"]
         lines += [f"| {m} | {v:.4f} |" for m, v in sel["coverage"].items()] + [""]
     if "prompt_coverage" in summary:
-        lines += ["## Prompt coverage (taxonomy aspects)", "", "| aspect | before | after |", "|---|---|---|"]
-        for aspect, row in summary["prompt_coverage"].items():
-            if isinstance(row, dict) and "before" in row:
-                lines.append(f"| {aspect} | {row['before']} | {row['after']} |")
-        lines.append("")
+        cov = summary["prompt_coverage"]
+        lines += ["## Prompt coverage of the taxonomy (PTQ4ADM augmentation)", "",
+                  f"Before: {cov.get('before_source', 'seed prompts')}; after: the augmented calibration set.", "",
+                  cov["table"], ""]
     lines += ["## Per layer", "", "| layer | C_in | outlier channels | range growth | abs-max per bucket |",
               "|---|---|---|---|---|"]
     for name, row in summary["layers"].items():

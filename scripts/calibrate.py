@@ -35,7 +35,7 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging(args.verbose)
 
-    from calibration.prompts import coverage_report, load_seed_prompts, select_prompts
+    from calibration.prompts import coverage_report, select_prompts
     from engines.calibrate import CalibrationSettings, calibrate
     from exporter.errors import InputError
     from exporter.models import load_model
@@ -56,7 +56,10 @@ def main() -> int:
         raise InputError(str(exc)) from None
     extra = {}
     if args.prompts == "augmented":
-        extra["prompt_coverage"] = coverage_report(load_seed_prompts(), prompts)
+        # Equal-size comparison: the same number of plain seed prompts vs the augmented selection.
+        extra["prompt_coverage"] = coverage_report(select_prompts("seed", args.num_prompts, seed=args.calib_seed),
+                                                   prompts)
+        extra["prompt_coverage"]["before_source"] = f"{args.num_prompts} seed prompts"
     loaded = load_model(model_spec(args))
     meta = calibrate(loaded, prompts, settings, Path(args.out), prompt_source=args.prompts, extra_meta=extra)
     if meta is None:  # a non-zero torchrun rank
