@@ -28,7 +28,8 @@ class ArtifactError(ValueError):
     """A calibration artifact that is missing, corrupt, or belongs to another model or graph."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, streamed (checkpoints and external data run to gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -47,7 +48,7 @@ def write(directory: Path, meta: dict[str, Any], tensors: Mapping[str, torch.Ten
     directory = Path(directory)
     save_file(dict(tensors), str(directory / TENSORS_NAME))
     meta = {"schema_version": SCHEMA_VERSION, "kind": "quadit-calibration", **meta,
-            "tensors": {"file": TENSORS_NAME, "sha256": _sha256(directory / TENSORS_NAME)}}
+            "tensors": {"file": TENSORS_NAME, "sha256": sha256_file(directory / TENSORS_NAME)}}
     meta["artifact_sha256"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
     (directory / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
@@ -69,7 +70,7 @@ def read(directory: Path, verify_hash: bool = True) -> tuple[dict[str, Any], dic
     tensors_path = directory / TENSORS_NAME
     if not tensors_path.is_file():
         raise ArtifactError(f"calibration artifact {directory} is incomplete: {TENSORS_NAME} is missing")
-    if verify_hash and _sha256(tensors_path) != meta["tensors"]["sha256"]:
+    if verify_hash and sha256_file(tensors_path) != meta["tensors"]["sha256"]:
         raise ArtifactError(f"{tensors_path} does not match the sha256 recorded in {JSON_NAME} (modified or corrupt)")
     try:
         tensors = load_file(str(tensors_path))

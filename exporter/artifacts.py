@@ -6,7 +6,6 @@ the end, so an interrupted or failed run leaves nothing behind and a reader neve
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -67,14 +66,6 @@ def atomic_file(target: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

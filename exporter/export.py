@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from exporter import graphs, onnx_export
-from exporter.artifacts import atomic_dir, sha256_of, write_manifest
+from calibration.artifact import sha256_file
+from exporter.artifacts import atomic_dir, write_manifest
 from exporter.errors import InputError
 from exporter.models import LoadedModel
 
@@ -142,7 +143,7 @@ def export_model(loaded: LoadedModel, out: Path, options: ExportOptions) -> dict
             entry["parity"] = onnx_export.parity(session, spec.module, cases, spec.input_names,
                                                  reference=references[spec.name])
             del session
-            entry["sha256"] = {f: sha256_of(tmp / f) for f in entry["files"]}
+            entry["sha256"] = {f: sha256_file(tmp / f) for f in entry["files"]}
             entries[spec.name] = entry
         dit_parity = entries["dit"]["parity"]
         tolerance = options.fp32_tolerance if options.scheme == "fp32" else None

