@@ -54,19 +54,26 @@ def write(directory: Path, meta: dict[str, Any], tensors: Mapping[str, torch.Ten
     return meta
 
 
+def read_versioned_json(path: Path, version: int, what: str) -> dict[str, Any]:
+    """A stage's JSON file, refused (one line) when missing, not JSON, or of another schema version."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path.parent} is not {what} (no {path.name})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("schema_version") != version:
+        found = data.get("schema_version") if isinstance(data, dict) else None
+        raise ArtifactError(f"{path} has schema version {found}, this quadit reads {version}: re-create it")
+    return data
+
+
 def read(directory: Path, verify_hash: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    path = directory / JSON_NAME
-    if not path.is_file():
-        raise ArtifactError(f"{directory} is not a calibration artifact (no {JSON_NAME})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"{path} has schema version {meta.get('schema_version')}, expected {SCHEMA_VERSION}")
+    meta = read_versioned_json(directory / JSON_NAME, SCHEMA_VERSION, "a calibration artifact")
     tensors_path = directory / TENSORS_NAME
     if not tensors_path.is_file():
         raise ArtifactError(f"calibration artifact {directory} is incomplete: {TENSORS_NAME} is missing")

@@ -75,16 +75,12 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The export manifest, checked for schema version and for the files it lists."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise InputError(f"{directory} is not a quadit export (no {MANIFEST})")
+    from calibration.artifact import ArtifactError, read_versioned_json
+
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
-    if manifest.get("schema_version") != MANIFEST_SCHEMA:
-        raise InputError(f"{path} has schema version {manifest.get('schema_version')}, "
-                         f"this quadit reads {MANIFEST_SCHEMA}: re-export")
+        manifest = read_versioned_json(Path(directory) / MANIFEST, MANIFEST_SCHEMA, "a quadit export")
+    except ArtifactError as exc:
+        raise InputError(str(exc)) from None
     for graph in manifest.get("graphs", {}).values():
         for name in graph.get("files", []):
             if not (Path(directory) / name).is_file():
