@@ -10,7 +10,7 @@ timestep-uniform calibration set); `random` draws them with the run's seed. Cove
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
@@ -112,6 +112,3 @@ def select_samples(method: str, recorder: SampleRecorder, full: Mapping[str, tor
         cur[buckets[i]] = torch.maximum(cur[buckets[i]], ratio[i])
     return sorted(keys[i] for i in picked)
 
-
-def describe(coverage: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.3f}" for k, v in coverage.items())

@@ -210,11 +210,11 @@ def calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSett
         recorder = SampleRecorder(list(run.layers), run.buckets, run.collector)
         _loop(run, mine, "pass1", key, rank, extra=recorder.state, restore=recorder.load)
         full = dict(run.collector.state)
-        chosen = select_samples(settings.selection, recorder, full, settings.budget, len(prompts),
-                                settings.steps, settings.seed)
-        selection_meta["coverage"] = {m: selection_coverage(recorder, full, select_samples(
-            m, recorder, full, settings.budget, len(prompts), settings.steps, settings.seed))
-            for m in SELECTIONS[1:]}
+        # Every method at the same budget, once each: the chosen one is used, all are reported.
+        selections = {m: select_samples(m, recorder, full, settings.budget, len(prompts), settings.steps,
+                                        settings.seed) for m in SELECTIONS[1:]}
+        chosen = selections[settings.selection]
+        selection_meta["coverage"] = {m: selection_coverage(recorder, full, s) for m, s in selections.items()}
         selection_meta["samples"] = sorted([list(s) for s in chosen])
         recorder.detach()
         run = _Run(loaded, settings, prompts, partial)

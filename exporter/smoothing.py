@@ -51,10 +51,7 @@ def apply_smoothing(model: onnx.ModelProto, sites: Mapping[str, LinearSite], act
     groups: dict[str, list[LinearSite]] = defaultdict(list)
     for site in sites.values():
         groups[site.activation].append(site)
-    uses = defaultdict(int)
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] += 1
+    uses = {name: len(nodes) for name, nodes in consumers.items()}  # one entry per input slot
     record: dict[str, dict] = {}
     for tensor, members in groups.items():
         weights = {m.layer: weight_out_in(model, m) for m in members}
