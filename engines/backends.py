@@ -78,6 +78,36 @@ class OrtDiT:
         return uncond + (cond - uncond) * cfg_scale
 
 
+class BucketedSession:
+    """Per-timestep-bucket DiT graphs (the per-bucket-graph policy) behind one `run`: the graph is chosen
+    from `t` with calibration's bucket rule. All batch entries share one t in the sampler (CFG batch)."""
+
+    def __init__(self, sessions: list[Any], edges: list[float]) -> None:
+        from calibration.collector import BucketSpec
+
+        self.sessions = sessions
+        self.spec = BucketSpec(tuple(edges))
+        if self.spec.count != len(sessions):
+            raise ValueError(f"{len(sessions)} bucket graphs for {self.spec.count} buckets")
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        t = np.asarray(feeds["t"]).reshape(-1)
+        if not np.all(t == t[0]):
+            raise ValueError("per-bucket DiT graphs need one t per call")
+        return self.sessions[self.spec.bucket_of(float(t[0]))].run(outputs, feeds)
+
+
+def dit_session(export_dir: Path, entry: dict[str, Any]) -> Any:
+    """The DiT of an export as one session-like object (several bucket graphs -> BucketedSession)."""
+    from exporter.onnx_export import ort_session
+
+    config = entry.get("ort_session_config") or {}
+    if entry.get("buckets"):
+        return BucketedSession([ort_session(Path(export_dir) / b["file"], config) for b in entry["buckets"]],
+                               entry["bucket_edges"])
+    return ort_session(Path(export_dir) / entry["file"], config)
+
+
 class OrtBackend:
     """All graphs of an export directory in ONNX Runtime sessions (CPU)."""
 
@@ -91,7 +121,8 @@ class OrtBackend:
         self.manifest = manifest
         self.layout = manifest["conditioning"]
         graphs = manifest["graphs"]
-        self.sessions = {name: ort_session(Path(export_dir) / g["file"]) for name, g in graphs.items()}
+        self.sessions = {name: ort_session(Path(export_dir) / g["file"]) for name, g in graphs.items() if name != "dit"}
+        self.sessions["dit"] = dit_session(Path(export_dir), graphs["dit"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(Path(export_dir) / "tokenizer"), local_files_only=True)
         self.dit = OrtDiT(self.sessions["dit"])
 

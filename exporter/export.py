@@ -6,7 +6,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -124,8 +124,13 @@ def runtime_spec(loaded: LoadedModel) -> dict[str, Any]:
             "conditioning": layout, "sampler_defaults": SAMPLER_DEFAULTS}
 
 
-def export_model(loaded: LoadedModel, out: Path, options: ExportOptions) -> dict[str, Any]:
-    """Export every graph of `loaded` into `out` (atomically) and return the manifest."""
+def export_model(loaded: LoadedModel, out: Path, options: ExportOptions,
+                 stages: Sequence[Callable[[Path, dict[str, Any]], None]] = ()) -> dict[str, Any]:
+    """Export every graph of `loaded` into `out` (atomically) and return the manifest.
+
+    `stages` run in order inside the temporary directory after the FP32/FP16 graphs passed parity and
+    before the manifest is written (quantization, the accuracy report); each may change files and the
+    manifest. Any failure leaves no export behind."""
     spec = runtime_spec(loaded)
     layout, dims = spec["conditioning"], spec["dims"]
     started = time.time()
@@ -166,8 +171,10 @@ def export_model(loaded: LoadedModel, out: Path, options: ExportOptions) -> dict
                        "metric": "max|onnx - torch| / max|torch| over random inputs"},
             "options": asdict(options),
             "versions": _versions(),
-            "export_seconds": round(time.time() - started, 1),
         }
+        for stage in stages:
+            stage(tmp, manifest)
+        manifest["export_seconds"] = round(time.time() - started, 1)
         write_manifest(tmp, manifest)
     return manifest
 

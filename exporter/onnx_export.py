@@ -75,10 +75,9 @@ def export_graph(spec: GraphSpec, path: Path) -> dict[str, Any]:
     if model.ir_version > IR_VERSION:
         model.ir_version = IR_VERSION
         onnx.save(model, str(path))
-    import numpy as np
+    from exporter.graph_edit import weight_bytes as graph_weight_bytes
 
-    graph_bytes = sum(int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-                      for t in model.graph.initializer)
+    graph_bytes = graph_weight_bytes(model)
     files = [path.name] + ([p.name for p in path.parent.glob(path.name + ".data")] if external else [])
     return {"file": path.name, "files": files, "external_data": external, "weight_bytes": graph_bytes,
             "inputs": list(spec.input_names), "outputs": list(spec.output_names),
@@ -86,11 +85,15 @@ def export_graph(spec: GraphSpec, path: Path) -> dict[str, Any]:
             "opset": OPSET, "ir_version": min(model.ir_version, IR_VERSION)}
 
 
-def ort_session(path: Path):
+def ort_session(path: Path, config: dict[str, str] | None = None):
+    """A CPU session; `config` holds session config entries a graph needs (its manifest entry's
+    `ort_session_config`, e.g. the MatMulNBits accuracy level of a w4a16 graph)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

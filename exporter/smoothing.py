@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from exporter import names
 from exporter.onnx_layers import LinearSite, weight_out_in
 
 EPS = 1e-8
@@ -42,7 +43,8 @@ def _replace(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
 
 def apply_smoothing(model: onnx.ModelProto, sites: Mapping[str, LinearSite], act_absmax: Mapping[str, np.ndarray],
                     alpha: float) -> tuple[onnx.ModelProto, dict[str, dict]]:
-    """Smooth every layer in `sites` (in place on `model`); returns (model, per-layer record)."""
+    """Smooth every layer in `sites` (in place on `model`); returns (model, per-layer record). Each
+    record holds the factors `s` as an array under `factors` (drop it before writing JSON)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:
@@ -62,7 +64,7 @@ def apply_smoothing(model: onnx.ModelProto, sites: Mapping[str, LinearSite], act
             scaled = weights[m.layer] * s[None, :]
             weight_name = m.weight
             if uses[m.weight] > 1:  # a deduplicated constant shared with another node: give this one its own
-                weight_name = f"{m.weight}__{m.layer}"
+                weight_name = names.private(m.weight, m.layer)
                 model.graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), weight_name))
                 node = next(n for n in model.graph.node if n.name == m.node)
                 node.input[list(node.input).index(m.weight)] = weight_name
@@ -77,16 +79,16 @@ def apply_smoothing(model: onnx.ModelProto, sites: Mapping[str, LinearSite], act
                     continue
                 folded = numpy_helper.to_array(_init(model, name)) / s
                 if uses[name] > 1:  # e.g. the exporter's one deduplicated zero bias shared by every LayerNorm
-                    name = f"{name}__{producer.name}"
+                    name = names.private(name, producer.name)
                     model.graph.initializer.append(numpy_helper.from_array(folded.astype(np.float32), name))
                     producer.input[k] = name
                 _replace(model, name, folded)
             how = "folded into LayerNorm"
         else:
-            scale_name = f"{tensor}__smooth_inv"
-            out_name = f"{tensor}__smoothed"
+            scale_name = names.smooth_inv(tensor)
+            out_name = names.smoothed(tensor)
             model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), scale_name))
-            mul = helper.make_node("Mul", [tensor, scale_name], [out_name], name=f"{tensor}__smooth_mul")
+            mul = helper.make_node("Mul", [tensor, scale_name], [out_name], name=names.smooth_mul(tensor))
             for m in members:
                 node = next(n for n in model.graph.node if n.name == m.node)
                 for k, name in enumerate(node.input):
@@ -97,5 +99,6 @@ def apply_smoothing(model: onnx.ModelProto, sites: Mapping[str, LinearSite], act
             how = "explicit Mul"
         for m in members:
             record[m.layer] = {"smoothed": True, "how": how, "alpha": alpha, "shared_with": len(members) - 1,
-                               "act_range_before": float(a_max.max()), "act_range_after": float((a_max / s).max())}
+                               "act_range_before": float(a_max.max()), "act_range_after": float((a_max / s).max()),
+                               "factors": s}  # an array: the quantizer divides calibrated ranges by it
     return model, record

@@ -1,42 +1,127 @@
 #!/usr/bin/env python
-"""Export a Stable Audio Open-family model to ONNX: dit.onnx, text_encoder.onnx, conditioners.onnx,
-vae_decoder.onnx, tokenizer/ and manifest.json (with the DiT's ONNX Runtime vs PyTorch parity)."""
+"""Export a Stable Audio Open-family model to ONNX: dit.onnx (FP32, FP16 or quantized), text_encoder.onnx,
+conditioners.onnx, vae_decoder.onnx, tokenizer/ and manifest.json. Quantized schemes calibrate first
+(unless --calibration names an artifact), quantize the DiT graph, and write an accuracy report
+(report.json / report.md) against FP32, the minmax baseline and ModelOpt at equal bits."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts._common import add_model_args, model_spec, run, setup_logging  # noqa: E402
 
 log = logging.getLogger("export")
+QUANTIZED = ("w8a8", "w4a16", "w4a8")
+
+
+def _arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_model_args(parser)
+    parser.add_argument("--scheme", default="fp32", help="fp32, fp16, w8a8, w4a16 or w4a8")
+    parser.add_argument("--method", default=None, help="minmax, smoothquant or timestep-smoothquant "
+                        "(default: timestep-smoothquant for w8a8/w4a8, minmax for w4a16)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="smoothing strength (0..1)")
+    parser.add_argument("--lowrank", type=int, default=0, help="rank of the SVD low-rank branch (0: none)")
+    parser.add_argument("--activations", default="static", help="static (SQS) or dynamic (SQD, ONNX Runtime only)")
+    parser.add_argument("--bucket-policy", default="per-bucket-scale",
+                        help="shared, per-bucket-scale (one graph) or per-bucket-graph (one graph per bucket)")
+    parser.add_argument("--block-size", type=int, default=128, help="INT4 block size along K")
+    parser.add_argument("--dynamic-kernel", default="dql", help="dynamic mode in ORT: dql "
+                        "(DynamicQuantizeLinear+MatMulInteger) or nbits (MatMulNBits, int8 compute)")
+    parser.add_argument("--recipe", help="a recipe JSON file (overrides the flags above)")
+    parser.add_argument("--target", default="onnxruntime", help="onnxruntime or tensorrt")
+    parser.add_argument("--calibration", help="calibration artifact directory (default: calibrate now)")
+    parser.add_argument("--calib-prompts", type=int, default=16, help="prompts when calibrating here")
+    parser.add_argument("--calib-steps", type=int, default=20, help="sampler steps when calibrating here")
+    parser.add_argument("--report-prompts", type=int, default=4, help="held-out prompts of the report (0: none)")
+    parser.add_argument("--report-steps", type=int, default=20)
+    parser.add_argument("--no-modelopt", action="store_true", help="leave the ModelOpt baseline out of the report")
+    parser.add_argument("--out", required=True, help="export directory (replaced atomically)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _recipe(args: argparse.Namespace):
+    from exporter.errors import InputError
+    from exporter.recipe import Recipe
+
+    if args.recipe:
+        try:
+            return Recipe.from_json(json.loads(Path(args.recipe).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise InputError(f"cannot read recipe {args.recipe}: {exc}") from None
+    method = args.method or ("minmax" if args.scheme == "w4a16" else "timestep-smoothquant")
+    policy = args.bucket_policy if method != "minmax" or args.bucket_policy != "per-bucket-graph" else "shared"
+    return Recipe(scheme=args.scheme, method=method, alpha=args.alpha, lowrank=args.lowrank,
+                  activations=args.activations, bucket_policy=policy, block_size=args.block_size)
+
+
+def _calibrate(loaded, args: argparse.Namespace, scratch: Path) -> Path:
+    from calibration.prompts import select_prompts
+    from engines.calibrate import CalibrationSettings, calibrate
+
+    log.info("no --calibration given: calibrating on %d seed prompts x %d steps", args.calib_prompts, args.calib_steps)
+    out = scratch / "calibration"
+    calibrate(loaded, select_prompts("seed", args.calib_prompts), CalibrationSettings(steps=args.calib_steps),
+              out, prompt_source="seed")
+    return out
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_model_args(parser)
-    parser.add_argument("--scheme", default="fp32", help="fp32 or fp16")
-    parser.add_argument("--out", required=True, help="export directory (replaced atomically)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args()
+    args = _arguments().parse_args()
     setup_logging(args.verbose)
 
-    from exporter.export import ExportOptions, export_model
+    from exporter.errors import InputError
+    from exporter.export import SCHEMES, ExportOptions, export_model
     from exporter.models import load_model
 
-    options = ExportOptions(scheme=args.scheme)  # validates the scheme before any heavy work
+    if args.scheme not in SCHEMES + QUANTIZED:
+        raise InputError(f"unknown scheme '{args.scheme}' (choose from: {', '.join(SCHEMES + QUANTIZED)})")
+    stages, options = [], ExportOptions(scheme=args.scheme if args.scheme in SCHEMES else "fp32")
+    quant = None
+    if args.scheme in QUANTIZED or args.recipe:
+        from exporter.quantized_export import QuantizeOptions
+
+        quant = QuantizeOptions(_recipe(args), args.target, args.dynamic_kernel)  # refuses bad targets up front
+    elif args.target not in ("onnxruntime", "tensorrt"):
+        raise InputError(f"unknown target '{args.target}' (choose from: onnxruntime, tensorrt)")
+    if args.calibration and not Path(args.calibration).is_dir():
+        raise InputError(f"--calibration {args.calibration} is not a directory")
     loaded = load_model(model_spec(args))
-    manifest = export_model(loaded, Path(args.out), options)
+    scratch = Path(tempfile.mkdtemp(prefix="quadit-export-"))
+    try:
+        if quant is not None:
+            from engines.accuracy import AccuracySettings
+            from engines.compare import report_stage
+            from exporter.quantized_export import quantize_stage, read_calibration
+
+            calibration = read_calibration(Path(args.calibration) if args.calibration
+                                           else _calibrate(loaded, args, scratch), loaded)
+            stages.append(quantize_stage(loaded, calibration, quant, scratch))
+            if args.report_prompts > 0:
+                stages.append(report_stage(loaded, calibration, quant.recipe,
+                                           AccuracySettings(prompts=args.report_prompts, steps=args.report_steps),
+                                           scratch, modelopt=not args.no_modelopt, dynamic_kernel=args.dynamic_kernel))
+        manifest = export_model(loaded, Path(args.out), options, stages)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     out = Path(args.out).resolve()
     for name, graph in manifest["graphs"].items():
-        log.info("%-13s %8.1f MB  parity max rel err %.2e  (%s)", name, graph["weight_bytes"] / 1e6,
-                 graph["parity"]["max_rel_error"], graph["precision"])
-    log.info("export written to %s in %.0f s (weights %s)", out, manifest["export_seconds"],
-             manifest["model"]["weights"])
-    print(json.dumps({"out": str(out), "parity.max_rel_error": manifest["parity"]["max_rel_error"]}))
+        parity = graph.get("parity", {}).get("max_rel_error")
+        log.info("%-13s %8.1f MB  %s  (%s)", name, graph["weight_bytes"] / 1e6,
+                 f"parity max rel err {parity:.2e}" if parity is not None else "see report.json", graph["precision"])
+    log.info("export written to %s in %.0f s (weights %s)", out, manifest["export_seconds"], manifest["model"]["weights"])
+    summary = {"out": str(out), "parity.max_rel_error": manifest["parity"]["max_rel_error"]}
+    if quant is not None:
+        summary["dit_size_ratio"] = manifest["graphs"]["dit"]["size_ratio"]
+        summary.update({f"report.{k}": v for k, v in manifest.get("report", {}).items() if k.endswith("_db")})
+    print(json.dumps(summary))
     return 0
 
 

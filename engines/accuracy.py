@@ -1,0 +1,186 @@
+"""Accuracy of quantized DiTs against FP32 on real sampler trajectories of held-out prompts.
+
+Two views, both against the FP32 graph:
+- per step: the DiT output v on the FP32 trajectory's own inputs (x_t, t, conditioning; CFG batch of
+  2), as SQNR = 10 log10(sum v^2 / sum (v - v_q)^2) and cosine similarity, averaged per timestep bucket;
+- end to end: the final latents after the whole sampler run with the quantized DiT (same seed), as SNR.
+Every candidate (ONNX graphs in ONNX Runtime, ModelOpt's fake-quantized PyTorch model) is seen through
+one `session.run(outputs, feeds)` interface so all are measured on identical inputs.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibration.collector import BucketSpec
+from engines.backends import OrtDiT
+from engines.runtime import GenerateOptions, Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AccuracySettings:
+    version: int = 1
+    prompts: int = 4
+    steps: int = 20
+    seconds: float = 3.0
+    cfg_scale: float = 7.0
+    seed: int = 0
+    heldout_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.prompts < 1 or self.steps < 2 or not self.seconds > 0:
+            raise ValueError("accuracy settings need prompts >= 1, steps >= 2 and seconds > 0")
+
+
+class TorchSession:
+    """A PyTorch DiT graph module (x, t, cross_attn_cond, global_embed -> v) behind ORT's `run`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module.eval()
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            v = self.module(*(torch.from_numpy(feeds[k]) for k in ("x", "t", "cross_attn_cond", "global_embed")))
+        return [v.float().numpy()]
+
+
+@dataclass
+class Trajectory:
+    prompt: str
+    seed: int
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    latents: torch.Tensor | None = None
+
+
+class _Recording(OrtDiT):
+    def __init__(self, session: Any, sink: list[dict[str, np.ndarray]]) -> None:
+        super().__init__(session)
+        self.sink = sink
+
+    def run(self, x, t, cross, global_embed):
+        self.sink.append({"x": x.float().numpy().copy(), "t": t.float().numpy().copy(),
+                          "cross_attn_cond": cross.float().numpy().copy(),
+                          "global_embed": global_embed.float().numpy().copy()})
+        return super().run(x, t, cross, global_embed)
+
+
+def heldout_prompts(calibration_prompts: Sequence[str], count: int, seed: int) -> list[str]:
+    """Seed-list prompts that the calibration run did not use (a seeded sample)."""
+    from calibration.prompts import load_seed_prompts
+    import random
+
+    used = set(calibration_prompts)
+    pool = [p for p in load_seed_prompts() if p not in used]
+    if len(pool) < count:
+        raise ValueError(f"only {len(pool)} seed prompts are not calibration prompts; asked for {count}")
+    return random.Random(seed).sample(pool, count)
+
+
+def _options(pipeline: Pipeline, prompt: str, seed: int, settings: AccuracySettings) -> GenerateOptions:
+    d = pipeline.manifest["sampler_defaults"]
+    return GenerateOptions(prompt=prompt, seconds=settings.seconds, steps=settings.steps,
+                           cfg_scale=settings.cfg_scale, seed=seed, sampler_type=d["sampler_type"],
+                           sigma_min=d["sigma_min"], sigma_max=d["sigma_max"], rho=d["rho"])
+
+
+def _with_dit(pipeline: Pipeline, dit: Any) -> Pipeline:
+    backend = copy.copy(pipeline.backend)
+    backend.dit = dit
+    return Pipeline(backend, pipeline.manifest)
+
+
+def capture(pipeline: Pipeline, reference: Any, prompts: Sequence[str], settings: AccuracySettings
+            ) -> list[Trajectory]:
+    """Run the sampler with the FP32 `reference` session; keep every DiT input and the final latents."""
+    out = []
+    for i, prompt in enumerate(tqdm(prompts, desc="reference trajectories", unit="prompt")):
+        traj = Trajectory(prompt, settings.seed + i)
+        traj.latents = _with_dit(pipeline, _Recording(reference, traj.feeds)).generate_latents(
+            _options(pipeline, prompt, traj.seed, settings))
+        out.append(traj)
+    return out
+
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    noise = float(((ref - out) ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float((ref ** 2).sum()) / noise)
+
+
+def cosine(ref: np.ndarray, out: np.ndarray) -> float:
+    a, b = np.asarray(ref, np.float64).ravel(), np.asarray(out, np.float64).ravel()
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+def evaluate(name: str, session: Any, reference: Any, trajectories: Sequence[Trajectory], edges: Sequence[float],
+             pipeline: Pipeline, settings: AccuracySettings, sampler: bool = True) -> dict[str, Any]:
+    """Per-bucket SQNR / cosine on the FP32 trajectories' inputs, and the final-latent SNR."""
+    spec = BucketSpec(tuple(edges))
+    per_bucket: dict[int, list[tuple[float, float]]] = {k: [] for k in range(spec.count)}
+    steps = []
+    for traj in trajectories:
+        for feeds in traj.feeds:
+            ref = reference.run(["v"], feeds)[0]
+            out = session.run(["v"], feeds)[0]
+            row = (sqnr_db(ref, out), cosine(ref, out))
+            per_bucket[spec.bucket_of(float(feeds["t"][0]))].append(row)
+            steps.append(row)
+    result: dict[str, Any] = {
+        "name": name,
+        "mean_step_sqnr_db": float(np.mean([s for s, _ in steps])),
+        "min_step_sqnr_db": float(np.min([s for s, _ in steps])),
+        "mean_cosine": float(np.mean([c for _, c in steps])),
+        "buckets": [{"bucket": k, "t_max": spec.edges[k], "t_min": spec.edges[k + 1], "steps": len(rows),
+                     "sqnr_db": float(np.mean([s for s, _ in rows])) if rows else None,
+                     "cosine": float(np.mean([c for _, c in rows])) if rows else None}
+                    for k, rows in per_bucket.items()]}
+    if sampler:
+        snrs = []
+        for traj in trajectories:
+            latents = _with_dit(pipeline, OrtDiT(session)).generate_latents(_options(pipeline, traj.prompt, traj.seed, settings))
+            snrs.append(sqnr_db(traj.latents.numpy(), latents.numpy()))
+        result["final_latent_snr_db"] = float(np.mean(snrs))
+    return result
+
+
+def markdown(rows: Sequence[dict[str, Any]], title: str = "Accuracy against FP32") -> str:
+    """One row per candidate: mean per-step SQNR, per-bucket SQNR, cosine, final-latent SNR, weight size."""
+    buckets = max((len(r["buckets"]) for r in rows), default=0)
+    head = ["candidate", "mean step SQNR dB"] + [f"b{k} SQNR" for k in range(buckets)] + \
+           ["min step SQNR", "mean cosine", "final-latent SNR dB", "DiT weights vs FP32"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in rows:
+        cells = [r["name"], fmt(r["mean_step_sqnr_db"])] + [fmt(b["sqnr_db"]) for b in r["buckets"]] + \
+                [fmt(r["min_step_sqnr_db"]), fmt(r["mean_cosine"], 5), fmt(r.get("final_latent_snr_db")),
+                 fmt(r.get("size_ratio"), 3) + "x" if r.get("size_ratio") else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(directory: Path, rows: Sequence[dict[str, Any]], context: dict[str, Any]) -> str:
+    import json
+
+    table = markdown(rows)
+    (Path(directory) / "report.json").write_text(json.dumps({"schema_version": 1, **context, "rows": list(rows)},
+                                                            indent=1) + "\n")
+    lines = ["# quadit accuracy report", "", f"Held-out prompts ({len(context['prompts'])}), {context['settings']['steps']} "
+             f"steps, {context['settings']['seconds']} s, CFG {context['settings']['cfg_scale']}; reference: "
+             "the FP32 graph in ONNX Runtime. SQNR of the DiT output on the FP32 trajectory's inputs, averaged "
+             "per timestep bucket (b0 = noisiest); final-latent SNR after the whole sampler run.", "", table]
+    (Path(directory) / "report.md").write_text("\n".join(lines))
+    return table
+
+
+def settings_json(settings: AccuracySettings) -> dict[str, Any]:
+    return asdict(settings)

@@ -1,0 +1,116 @@
+"""Candidates for the accuracy report and the export stage that writes it.
+
+At equal bits on the same model, layers and held-out prompts, a quadit export is compared with
+- `minmax`: the same scheme without smoothing, low-rank branch or per-bucket scales (the naive baseline);
+- ModelOpt: `mtq.quantize` with its INT8 SmoothQuant / INT4 AWQ / W4A8 AWQ config, evaluated in PyTorch
+  (fake quantization), calibrated on the DiT inputs of the calibration prompts' trajectories.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from engines.accuracy import (AccuracySettings, TorchSession, Trajectory, capture, evaluate, heldout_prompts,
+                              settings_json, write_report)
+from engines.backends import OrtBackend
+from engines.runtime import Pipeline
+from exporter.graph_edit import save, weight_bytes
+from exporter.layers import quantizable_linears
+from exporter.models import LoadedModel
+from exporter.onnx_export import PROTOBUF_LIMIT, ort_session
+from exporter.quantized_export import W4A16_SESSION_CONFIG, Calibration, quantize_graph
+from exporter.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def graph_candidate(fp32: Path, loaded: LoadedModel, calibration: Calibration, recipe: Recipe, path: Path,
+                    dynamic_kernel: str = "dql") -> tuple[Any, float]:
+    """Quantize the FP32 graph with `recipe` into `path` (one graph; per-bucket-graph uses bucket graphs
+    through BucketedSession); returns (session, weight bytes of one graph)."""
+    from engines.backends import BucketedSession
+
+    layers = list(quantizable_linears(loaded.dit))
+    config = W4A16_SESSION_CONFIG if recipe.scheme == "w4a16" else {}
+    if recipe.bucket_policy == "per-bucket-graph":
+        sessions, size = [], 0
+        for b in range(len(calibration.edges) - 1):
+            model, _ = quantize_graph(fp32, layers, calibration, recipe, b, dynamic_kernel)
+            file = path.with_name(f"{path.stem}.bucket{b}.onnx")
+            save(model, file, PROTOBUF_LIMIT)
+            size = weight_bytes(model)
+            sessions.append(ort_session(file, config))
+        return BucketedSession(sessions, list(calibration.edges)), size
+    model, _ = quantize_graph(fp32, layers, calibration, recipe, None, dynamic_kernel)
+    save(model, path, PROTOBUF_LIMIT)
+    return ort_session(path, config), weight_bytes(model)
+
+
+def modelopt_candidate(loaded: LoadedModel, scheme: str, calibration_trajectories: Sequence[Trajectory]
+                       ) -> tuple[TorchSession, dict[str, Any]]:
+    import torch
+
+    from engines.modelopt_baseline import modelopt_quantize
+    from exporter.graphs import DiTGraph
+
+    def forward_loop(model: torch.nn.Module) -> None:
+        graph = DiTGraph(model)
+        with torch.no_grad():
+            for traj in calibration_trajectories:
+                for feeds in traj.feeds:
+                    graph(*(torch.from_numpy(feeds[k]) for k in ("x", "t", "cross_attn_cond", "global_embed")))
+
+    quantized, info = modelopt_quantize(loaded.dit, scheme, forward_loop, list(quantizable_linears(loaded.dit)))
+    return TorchSession(DiTGraph(quantized)), info
+
+
+def baseline_recipe(recipe: Recipe) -> Recipe:
+    """The naive baseline at the recipe's bits: min-max ranges, no smoothing, no branch, one scale."""
+    return dataclasses.replace(recipe, method="minmax", lowrank=0, bucket_policy="shared", alpha=0.5)
+
+
+def report_stage(loaded: LoadedModel, calibration: Calibration, recipe: Recipe, settings: AccuracySettings,
+                 scratch: Path, modelopt: bool = True, dynamic_kernel: str = "dql"
+                 ) -> Callable[[Path, dict[str, Any]], None]:
+    """An export stage writing report.json / report.md: this export, minmax and ModelOpt vs FP32."""
+
+    def stage(tmp: Path, manifest: dict[str, Any]) -> None:
+        fp32 = Path(scratch) / "dit.fp32.onnx"
+        pipeline = Pipeline(OrtBackend(tmp, manifest), manifest)
+        reference = ort_session(fp32)
+        cal_prompts = calibration.meta["prompts"]["list"]
+        prompts = heldout_prompts(cal_prompts, settings.prompts, settings.heldout_seed)
+        trajectories = capture(pipeline, reference, prompts, settings)
+        edges = calibration.edges
+        fp32_bytes = manifest["graphs"]["dit"]["fp32_weight_bytes"]
+        rows = []
+        this = evaluate(f"quadit {recipe.scheme} {recipe.method} ({recipe.activations}, {recipe.bucket_policy}, "
+                        f"rank {recipe.lowrank})", pipeline.backend.sessions["dit"], reference, trajectories, edges,
+                        pipeline, settings)
+        this["size_ratio"] = manifest["graphs"]["dit"]["size_ratio"]
+        rows.append(this)
+        base = baseline_recipe(recipe)
+        if base != recipe:
+            session, size = graph_candidate(fp32, loaded, calibration, base, Path(scratch) / "dit.minmax.onnx", dynamic_kernel)
+            row = evaluate(f"minmax {recipe.scheme} ({recipe.activations})", session, reference, trajectories, edges,
+                           pipeline, settings)
+            row["size_ratio"] = size / fp32_bytes
+            rows.append(row)
+        info = None
+        if modelopt:
+            count = min(len(cal_prompts), 8)
+            cal_traj = capture(pipeline, reference, cal_prompts[:count], settings)
+            session, info = modelopt_candidate(loaded, recipe.scheme, cal_traj)
+            rows.append(evaluate(f"ModelOpt {info['config']} (PyTorch fake-quant)", session, reference, trajectories,
+                                 edges, pipeline, settings))
+        table = write_report(tmp, rows, {"prompts": prompts, "settings": settings_json(settings),
+                                         "reference": "FP32 DiT graph, ONNX Runtime", "buckets": list(edges),
+                                         "recipe": recipe.to_json(), "modelopt": info})
+        log.info("accuracy against FP32 (held-out prompts):\n%s", table)
+        manifest["report"] = {"json": "report.json", "markdown": "report.md",
+                              "mean_step_sqnr_db": rows[0]["mean_step_sqnr_db"],
+                              "final_latent_snr_db": rows[0].get("final_latent_snr_db")}
+
+    return stage

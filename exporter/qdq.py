@@ -1,0 +1,85 @@
+"""Quantization arithmetic and the ONNX constants it becomes: symmetric INT8 per output channel, INT4
+block-wise along K, and the packed layout of ONNX Runtime's MatMulNBits.
+
+Everything is symmetric with no zero point other than zero (TensorRT accepts nothing else, and
+symmetric weights let ORT's MLAS use its signed kernels). Scales are float32 and strictly positive:
+an all-zero channel or block gets the smallest normal float as scale, so dequantization stays exact (0).
+Weights here are laid out [K, N] (in, out), the way the exported MatMuls hold them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+TINY = np.float32(np.finfo(np.float32).tiny)
+QMAX = {8: 127, 4: 7}
+
+
+def _scale(absmax: np.ndarray, bits: int) -> np.ndarray:
+    return np.maximum(np.asarray(absmax, np.float64) / QMAX[bits], TINY).astype(np.float32)
+
+
+def quantize_int8_per_channel(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] -> (int8 [K, N], scale [N]); one scale per output channel (DequantizeLinear axis=1)."""
+    scale = _scale(np.abs(w_kn).max(axis=0), 8)
+    q = np.clip(np.rint(w_kn / scale[None, :]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def check_block(k: int, n: int, block: int) -> None:
+    """ONNX blocked DequantizeLinear needs K to split into whole blocks for MatMulNBits; INT4 storage
+    and TensorRT need an even last dimension."""
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"INT4 block size must be a power of two >= 16, got {block}")
+    if k % block or n % 2:
+        raise ValueError(f"weight [{k}, {n}] does not split into INT4 blocks of {block} along K with an even N")
+
+
+def quantize_int4_blockwise(w_kn: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] -> (int8 holding [-7, 7] [K, N], scale [K / block, N]); blocks run along K (axis 0)."""
+    k, n = w_kn.shape
+    check_block(k, n, block)
+    blocks = w_kn.reshape(k // block, block, n)
+    scale = _scale(np.abs(blocks).max(axis=1), 4)
+    q = np.clip(np.rint(blocks / scale[:, None, :]), -7, 7).astype(np.int8)
+    return q.reshape(k, n), scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of either quantizer (float64), for error measurements."""
+    k, n = q.shape
+    if scale.ndim == 1:
+        return q.astype(np.float64) * scale[None, :]
+    block = k // scale.shape[0]
+    return (q.reshape(scale.shape[0], block, n).astype(np.float64) * scale[:, None, :]).reshape(k, n)
+
+
+def fake_quantize_weight(w_kn: np.ndarray, bits: int, block: int) -> np.ndarray:
+    q, s = quantize_int8_per_channel(w_kn) if bits == 8 else quantize_int4_blockwise(w_kn, block)
+    return dequantize(q, s)
+
+
+def int4_initializer(name: str, q: np.ndarray) -> onnx.TensorProto:
+    """INT4 tensor (two values per byte, packed by onnx) from int8 values in [-8, 7]."""
+    return helper.make_tensor(name, TensorProto.INT4, list(q.shape), q.reshape(-1).astype(np.int8).tolist())
+
+
+def matmulnbits_weight(w_kn: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' constant B: unsigned codes with the implicit zero point 2^(bits-1), laid out
+    [N, K / block, block * bits / 8] (4-bit pairs packed low nibble first), and scales [N, K / block].
+    Symmetric codes (|q| <= 2^(bits-1) - 1) sit around that zero point, so this is the same symmetric
+    quantization as the Q/DQ form."""
+    k, n = w_kn.shape
+    check_block(k, n, block)
+    blocks = w_kn.reshape(k // block, block, n)
+    scale = _scale(np.abs(blocks).max(axis=1), bits)                          # [K/b, N]
+    q = np.clip(np.rint(blocks / scale[:, None, :]), -QMAX[bits], QMAX[bits]).astype(np.int32)
+    codes = (q + (1 << (bits - 1))).astype(np.uint8).transpose(2, 0, 1)       # [N, K/b, b]
+    if bits == 4:
+        codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(codes), np.ascontiguousarray(scale.T)
+
+
+def constant(array: np.ndarray | float | int, name: str, dtype: type = np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array, dtype=dtype), name)

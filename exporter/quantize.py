@@ -1,0 +1,279 @@
+"""The quantization pass over an exported FP32 DiT graph: smoothing, low-rank branch, Q/DQ or ORT kernels.
+
+Per activation tensor (the Linears that read it share one activation quantizer, as TensorRT wants for
+Q/K/V), the pass emits one of these forms, chosen by scheme and activation mode:
+
+- w8a8 static, w4a16 (any target): standard Q->DQ on the activation (INT8 per tensor, constant scale)
+  and DQ on the weight (INT8 per output channel, or INT4 block-wise along K), then the original MatMul.
+  TensorRT fuses these into INT8 / INT4-weight GEMMs; ORT fuses them to MatMulIntegerToFloat / MatMulNBits.
+- w8a8 dynamic (ORT): DynamicQuantizeLinear + MatMulInteger (per-tensor, computed per call) or
+  MatMulNBits with 8-bit weights and int8 compute (per-block dynamic activations): `dynamic_kernel`.
+- w4a8 (ORT): MatMulNBits, 4-bit weights, accuracy_level 4 (int8 compute, activations quantized per
+  block at run time); in static mode the static INT8 Q/DQ sits in front of it.
+
+Timestep awareness, per-bucket-scale policy: TensorRT needs constant Q scales, so the bucket index is
+computed from `t` inside the graph, the activation is multiplied by 1/range[bucket] (gathered from a
+constant table), quantized with the constant scale 1/127, and the MatMul output is multiplied by
+range[bucket]. The MatMul is linear, so this equals quantizing with the per-bucket scale range/127.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter import graph_edit, names, qdq
+from exporter.errors import InputError
+from exporter.lowrank import branch_weight_error, svd_split
+from exporter.onnx_layers import LinearSite
+from exporter.recipe import Recipe
+from exporter.smoothing import apply_smoothing
+
+log = logging.getLogger(__name__)
+DYNAMIC_KERNELS = ("dql", "nbits")
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Calibrated per-bucket input ranges of one Linear: ch_absmax [K, C], absmax [K]."""
+
+    ch_absmax: np.ndarray
+    absmax: np.ndarray
+
+
+def smoothing_ranges(method: str, stats: LayerStats, bucket: int | None) -> np.ndarray | None:
+    """Per-input-channel activation range the smoothing factors are computed from.
+
+    smoothquant: the max over all buckets. timestep-smoothquant: every bucket's channel profile scaled
+    to the same tensor range before the max, so the low-range (noisy) buckets' outlier channels count
+    as much as the late buckets' (with per-bucket scales each bucket is quantized on its own grid, so
+    its outliers relative to its own range are what matter). With a bucket given (one graph per
+    bucket), that bucket's own ranges.
+    """
+    ch = np.asarray(stats.ch_absmax, np.float64)
+    if method == "minmax":
+        return None
+    if bucket is not None:
+        return ch[bucket]
+    if method == "smoothquant":
+        return ch.max(axis=0)
+    top = np.maximum(ch.max(axis=1, keepdims=True), 1e-12)
+    return (ch / top).max(axis=0) * top.max()
+
+
+def _bucket_index(model: onnx.ModelProto, edges: Sequence[float], t_input: str = "t") -> str:
+    """bucket = number of interior edges >= t (calibration's BucketSpec rule), as an int64 [B]."""
+    if any(n.output and n.output[0] == names.BUCKET for n in model.graph.node):
+        return names.BUCKET
+    interior = np.asarray(edges[1:-1], np.float32)[None, :]
+    g = model.graph
+    g.initializer.extend([qdq.constant(interior, names.BUCKET_EDGES),
+                          qdq.constant([1], names.bucket("axis1"), np.int64)])
+    g.node.extend([
+        helper.make_node("Unsqueeze", [t_input, names.bucket("axis1")], [names.bucket("t")], name=names.bucket("unsqueeze")),
+        helper.make_node("Less", [names.BUCKET_EDGES, names.bucket("t")], [names.bucket("below")], name=names.bucket("less")),
+        helper.make_node("Not", [names.bucket("below")], [names.bucket("at_or_above")], name=names.bucket("not")),
+        helper.make_node("Cast", [names.bucket("at_or_above")], [names.bucket("count_f")], to=TensorProto.FLOAT,
+                         name=names.bucket("cast_f")),
+        helper.make_node("ReduceSum", [names.bucket("count_f"), names.bucket("axis1")], [names.bucket("count")],
+                         keepdims=0, name=names.bucket("sum")),
+        helper.make_node("Cast", [names.bucket("count")], [names.BUCKET], to=TensorProto.INT64, name=names.bucket("cast_i"))])
+    return names.BUCKET
+
+
+def _gathered(model: onnx.ModelProto, tensor: str, part: str, table: np.ndarray, bucket: str) -> str:
+    """table[bucket] reshaped to [B, 1, 1] so it broadcasts over [B, L, C]."""
+    g = model.graph
+    g.initializer.extend([qdq.constant(table, names.act(tensor, f"{part}_table")),
+                          qdq.constant([1, 2], names.act(tensor, f"{part}_axes"), np.int64)])
+    g.node.extend([
+        helper.make_node("Gather", [names.act(tensor, f"{part}_table"), bucket], [names.act(tensor, f"{part}_b")],
+                         axis=0, name=names.node(tensor, f"{part}_gather")),
+        helper.make_node("Unsqueeze", [names.act(tensor, f"{part}_b"), names.act(tensor, f"{part}_axes")],
+                         [names.act(tensor, part)], name=names.node(tensor, f"{part}_unsqueeze"))])
+    return names.act(tensor, part)
+
+
+def _static_qdq(model: onnx.ModelProto, tensor: str, scale: float) -> str:
+    g = model.graph
+    g.initializer.extend([qdq.constant(np.float32(scale), names.act(tensor, "scale")),
+                          qdq.constant(np.int8(0), names.act(tensor, "zero_point"), np.int8)])
+    q_in = [tensor, names.act(tensor, "scale"), names.act(tensor, "zero_point")]
+    g.node.extend([helper.make_node("QuantizeLinear", q_in, [names.act(tensor, "q")], name=names.node(tensor, "act_q")),
+                   helper.make_node("DequantizeLinear", [names.act(tensor, "q")] + q_in[1:], [names.act(tensor, "dq")],
+                                    name=names.node(tensor, "act_dq"))])
+    return names.act(tensor, "dq")
+
+
+def _weight_dq(model: onnx.ModelProto, layer: str, w_kn: np.ndarray, bits: int, block: int) -> tuple[str, np.ndarray]:
+    g = model.graph
+    if bits == 8:
+        q, scale = qdq.quantize_int8_per_channel(w_kn)
+        g.initializer.append(numpy_helper.from_array(q, names.weight_q(layer)))
+        attrs = {"axis": 1}
+    else:
+        q, scale = qdq.quantize_int4_blockwise(w_kn, block)
+        g.initializer.append(qdq.int4_initializer(names.weight_q(layer), q))
+        attrs = {"axis": 0, "block_size": block}
+    g.initializer.append(qdq.constant(scale, names.weight_scale(layer)))
+    g.node.append(helper.make_node("DequantizeLinear", [names.weight_q(layer), names.weight_scale(layer)],
+                                   [names.weight_dq(layer)], name=names.node(layer, "weight_dq"), **attrs))
+    return names.weight_dq(layer), scale
+
+
+def _nbits(model: onnx.ModelProto, layer: str, x: str, w_kn: np.ndarray, bits: int, block: int, out: str) -> np.ndarray:
+    codes, scale = qdq.matmulnbits_weight(w_kn, bits, block)
+    k, n = w_kn.shape
+    model.graph.initializer.extend([numpy_helper.from_array(codes, names.weight_q(layer)),
+                                    qdq.constant(scale, names.weight_scale(layer))])
+    model.graph.node.append(helper.make_node(
+        "MatMulNBits", [x, names.weight_q(layer), names.weight_scale(layer)], [out], domain="com.microsoft",
+        K=k, N=n, bits=bits, block_size=block, accuracy_level=4, name=names.node(layer, "matmulnbits")))
+    graph_edit.ensure_opset(model, "com.microsoft", 1)
+    return scale
+
+
+def _dql(model: onnx.ModelProto, tensor: str) -> tuple[str, str, str]:
+    """One DynamicQuantizeLinear per activation tensor (uint8, asymmetric, per tensor per call)."""
+    outs = [names.act(tensor, p) for p in ("dyn_q", "dyn_scale", "dyn_zero_point")]
+    if not any(n.output and n.output[0] == outs[0] for n in model.graph.node):
+        model.graph.node.append(helper.make_node("DynamicQuantizeLinear", [tensor], outs, name=names.node(tensor, "dql")))
+    return outs[0], outs[1], outs[2]
+
+
+def _matmulinteger(model: onnx.ModelProto, layer: str, xq: tuple[str, str, str], w_kn: np.ndarray, out: str) -> np.ndarray:
+    q, scale = qdq.quantize_int8_per_channel(w_kn)
+    g = model.graph
+    g.initializer.extend([numpy_helper.from_array(q, names.weight_q(layer)), qdq.constant(scale, names.weight_scale(layer))])
+    mo = lambda p: names.matmul_out(layer, p)  # noqa: E731
+    g.node.extend([
+        helper.make_node("MatMulInteger", [xq[0], names.weight_q(layer), xq[2]], [mo("int32")], name=names.node(layer, "mmi")),
+        helper.make_node("Cast", [mo("int32")], [mo("float")], to=TensorProto.FLOAT, name=names.node(layer, "mmi_cast")),
+        helper.make_node("Mul", [xq[1], names.weight_scale(layer)], [mo("scale")], name=names.node(layer, "mmi_scale")),
+        helper.make_node("Mul", [mo("float"), mo("scale")], [out], name=names.node(layer, "mmi_rescale"))])
+    return scale
+
+
+def _lowrank_branch(model: onnx.ModelProto, layer: str, x: str, l1: np.ndarray, l2: np.ndarray) -> str:
+    """x (FP32) -> Cast FP16 -> MatMul L1 -> MatMul L2 -> Cast FP32: a strongly typed graph must say
+    where FP16 starts and ends."""
+    g = model.graph
+    g.initializer.extend([numpy_helper.from_array(l1.astype(np.float16), names.lowrank(layer, "L1")),
+                          numpy_helper.from_array(l2.astype(np.float16), names.lowrank(layer, "L2"))])
+    lr = lambda p: names.lowrank(layer, p)  # noqa: E731
+    g.node.extend([
+        helper.make_node("Cast", [x], [lr("in16")], to=TensorProto.FLOAT16, name=names.node(layer, "lowrank_cast_in")),
+        helper.make_node("MatMul", [lr("in16"), lr("L1")], [lr("h16")], name=names.node(layer, "lowrank_down")),
+        helper.make_node("MatMul", [lr("h16"), lr("L2")], [lr("out16")], name=names.node(layer, "lowrank_up")),
+        helper.make_node("Cast", [lr("out16")], [lr("out")], to=TensorProto.FLOAT, name=names.node(layer, "lowrank_cast_out"))])
+    return lr("out")
+
+
+def _weight_in_out(model: onnx.ModelProto, node: onnx.NodeProto, layer: str) -> np.ndarray:
+    if node.op_type != "MatMul":
+        raise InputError(f"layer {layer} is a {node.op_type}, not a MatMul; quantize it with a rule 'skip' instead")
+    init = next(i for i in model.graph.initializer if i.name == node.input[1])
+    return numpy_helper.to_array(init).astype(np.float64)
+
+
+def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats: Mapping[str, LayerStats],
+                 edges: Sequence[float], recipe: Recipe, bucket: int | None = None,
+                 dynamic_kernel: str = "dql") -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
+    """Quantize every layer the recipe keeps (in place on `model`); returns (model, per-layer record).
+
+    `bucket` set: build the graph for that timestep bucket only (per-bucket-graph policy): its own
+    smoothing factors and activation scales, no in-graph bucket logic.
+    """
+    if dynamic_kernel not in DYNAMIC_KERNELS:
+        raise InputError(f"unknown dynamic kernel '{dynamic_kernel}' (choose from: {', '.join(DYNAMIC_KERNELS)})")
+    resolved = recipe.resolve(sites)
+    active = {n: s for n, s in resolved.items() if s is not None}
+    record: dict[str, dict[str, Any]] = {n: {"quantized": False} for n, s in resolved.items() if s is None}
+    factors: dict[str, np.ndarray] = {}
+    if recipe.method != "minmax":
+        by_alpha: dict[float, dict[str, LinearSite]] = defaultdict(dict)
+        for name, settings in active.items():
+            by_alpha[float(settings["alpha"])][name] = sites[name]
+        for alpha, group in by_alpha.items():
+            ranges = {n: smoothing_ranges(recipe.method, stats[n], bucket) for n in group}
+            _, smooth_record = apply_smoothing(model, group, ranges, alpha)
+            for n, rec in smooth_record.items():
+                factors[n] = np.asarray(rec.pop("factors"), np.float64)
+                record[n] = rec
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in active:
+        node = graph_edit.node_by_name(model, sites[name].node)
+        groups[node.input[0]].append(name)
+    k_buckets = len(edges) - 1
+    for tensor, members in groups.items():
+        kinds = {(active[m]["scheme"], active[m]["activations"]) for m in members}
+        if len(kinds) > 1:
+            raise InputError(f"layers {members} read one tensor but have different settings {sorted(kinds)}; "
+                             "they share one activation quantizer, so give them the same scheme and activations")
+        scheme, activations = kinds.pop()
+        # calibrated range of the (smoothed) activation per bucket
+        per_bucket = np.max([np.max(np.asarray(stats[m].ch_absmax, np.float64) / factors.get(m, 1.0), axis=1)
+                             for m in members], axis=0)
+        per_bucket = np.maximum(per_bucket, 1e-8)
+        static = scheme != "w4a16" and activations == "static"
+        x_q, inverse, act_scales = tensor, None, None
+        if static:
+            if bucket is not None:
+                act_scales = [float(per_bucket[bucket]) / 127]
+                x_q = _static_qdq(model, tensor, act_scales[0])
+            elif recipe.bucket_policy == "per-bucket-scale" and k_buckets > 1:
+                index = _bucket_index(model, edges)
+                pre = _gathered(model, tensor, "prescale", (1.0 / per_bucket).astype(np.float32), index)
+                inverse = _gathered(model, tensor, "postscale", per_bucket.astype(np.float32), index)
+                model.graph.node.append(helper.make_node("Mul", [tensor, pre], [names.act(tensor, "prescaled")],
+                                                         name=names.node(tensor, "prescale_mul")))
+                x_q = _static_qdq(model, names.act(tensor, "prescaled"), 1.0 / 127)
+                act_scales = [float(r) / 127 for r in per_bucket]
+            else:
+                act_scales = [float(per_bucket.max()) / 127]
+                x_q = _static_qdq(model, tensor, act_scales[0])
+        for layer in members:
+            settings = active[layer]
+            node = graph_edit.node_by_name(model, sites[layer].node)
+            w_kn = _weight_in_out(model, node, layer)
+            bits, block, rank = (8 if settings["scheme"] == "w8a8" else 4), int(settings["block_size"]), int(settings["lowrank"])
+            rec = record.setdefault(layer, {"smoothed": False})
+            rec.update({"quantized": True, "scheme": scheme, "activations": activations if scheme != "w4a16" else "none",
+                        "weight_bits": bits, "block_size": block if bits == 4 else None, "rank": rank,
+                        "act_scales": act_scales, "act_range_per_bucket": [float(r) for r in per_bucket]})
+            if rank:
+                l1, l2, w_kn = svd_split(w_kn, rank)
+                rec.update(branch_weight_error(l1, l2, w_kn, bits, block))
+            final_out = node.output[0]
+            raw = names.matmul_out(layer, "raw") if (inverse or rank) else final_out
+            dynamic = scheme != "w4a16" and activations == "dynamic"
+            if scheme == "w4a8" or (dynamic and dynamic_kernel == "nbits"):
+                scale = _nbits(model, layer, x_q, w_kn, bits, block, raw)
+                kernel = f"MatMulNBits(bits={bits}, accuracy_level=4)"
+                model.graph.node.remove(node)
+            elif dynamic:
+                scale = _matmulinteger(model, layer, _dql(model, tensor), w_kn, raw)
+                kernel = "DynamicQuantizeLinear+MatMulInteger"
+                model.graph.node.remove(node)
+            else:
+                w_dq, scale = _weight_dq(model, layer, w_kn, bits, block)
+                node.input[0], node.input[1] = x_q, w_dq
+                node.output[0] = raw
+                kernel = "Q/DQ MatMul"
+            rec.update({"kernel": kernel, "weight_scale_min": float(scale.min()), "weight_scale_max": float(scale.max())})
+            out = raw
+            if inverse:
+                target = final_out if not rank else names.matmul_out(layer, "rescaled")
+                model.graph.node.append(helper.make_node("Mul", [raw, inverse], [target], name=names.node(layer, "postscale_mul")))
+                out = target
+            if rank:
+                branch = _lowrank_branch(model, layer, tensor, l1, l2)
+                model.graph.node.append(helper.make_node("Add", [out, branch], [final_out], name=names.node(layer, "lowrank_add")))
+    graph_edit.prune_initializers(model)
+    graph_edit.toposort(model)
+    return model, record
