@@ -112,18 +112,24 @@ class Pipeline:
         return latents
 
 
-def open_pipeline(export_dir: Path, backend: str = "onnxruntime") -> Pipeline:
-    """A pipeline over an export directory with the named backend."""
+def open_pipeline(export_dir: Path, backend: str = "onnxruntime", engines_dir: Path | None = None) -> Pipeline:
+    """A pipeline over an export directory with the named backend (tensorrt: engines from `engines_dir`)."""
     from engines.backends import OrtBackend, TorchBackend
 
+    if (backend == "tensorrt") != (engines_dir is not None):
+        raise InputError("--engines DIR (from scripts/build_engines.py) goes with --backend tensorrt, and only with it")
     manifest = read_manifest(Path(export_dir))
+    if backend == "tensorrt":
+        from engines.tensorrt import TrtBackend
+
+        return Pipeline(TrtBackend(Path(engines_dir), Path(export_dir), manifest), manifest)
     if backend == "onnxruntime":
         return Pipeline(OrtBackend(Path(export_dir), manifest), manifest)
     if backend == "torch":
         from exporter.models import reload_from_identity
 
         return Pipeline(TorchBackend(reload_from_identity(manifest).wrapper), manifest)
-    raise InputError(f"unknown backend '{backend}' (choose from: onnxruntime, torch)")
+    raise InputError(f"unknown backend '{backend}' (choose from: onnxruntime, torch, tensorrt)")
 
 
 def write_wav(path: Path, audio: torch.Tensor, sample_rate: int) -> dict[str, float]:

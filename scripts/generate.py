@@ -23,7 +23,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: model card, 100)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default 7)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch (reference)")
+    parser.add_argument("--backend", default="onnxruntime",
+                        help="onnxruntime (default), torch (reference) or tensorrt (needs --engines)")
+    parser.add_argument("--engines", help="engines directory from scripts/build_engines.py (--backend tensorrt)")
     parser.add_argument("--out", required=True, help="output .wav")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -34,7 +36,10 @@ def main() -> int:
 
     if not args.out.lower().endswith(".wav"):
         raise InputError(f"--out {args.out} must end in .wav")
-    pipeline = open_pipeline(Path(args.export), args.backend)
+    if (args.backend == "tensorrt") != (args.engines is not None):
+        raise InputError("--backend tensorrt needs --engines DIR" if args.engines is None
+                         else f"--engines is for --backend tensorrt, not {args.backend}")
+    pipeline = open_pipeline(Path(args.export), args.backend, Path(args.engines) if args.engines else None)
     defaults = pipeline.manifest["sampler_defaults"]
     opts = GenerateOptions(prompt=args.prompt, seconds=args.seconds, seed=args.seed,
                            steps=args.steps if args.steps is not None else defaults["steps"],

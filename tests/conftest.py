@@ -64,3 +64,16 @@ def run_script(name: str, *args: str, cwd: Path | None = None, timeout: int = 90
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or ROOT, env=env)
+
+
+@pytest.fixture(scope="session")
+def mini_calibration(mini, tmp_path_factory):
+    """A small calibration artifact of sao-mini (4 seed prompts x 8 steps, 3 buckets)."""
+    from calibration.prompts import select_prompts
+    from engines.calibrate import CalibrationSettings, calibrate
+    from exporter.quantized_export import read_calibration
+
+    out = tmp_path_factory.mktemp("calibration") / "sao-mini"
+    calibrate(mini, select_prompts("seed", 4), CalibrationSettings(steps=8, buckets=3, seconds=2.0), out,
+              prompt_source="seed")
+    return read_calibration(out, mini)

@@ -1,0 +1,90 @@
+"""`scripts/export.py --scheme w8a8/...`: the quantized export, its manifest and accuracy report, running it,
+and the refusals (unsupported scheme for a target, a calibration artifact of another model)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import run_script
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def w8a8_export(mini_calibration, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "w8a8"
+    proc = run_script("export.py", "--synthetic-weights", "--scheme", "w8a8", "--target", "tensorrt",
+                      "--calibration", str(mini_calibration.directory), "--report-prompts", "2",
+                      "--report-steps", "8", "--out", str(out), timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads((out / "manifest.json").read_text()), proc
+
+
+def test_w8a8_tensorrt_export_records_recipe_calibration_and_layers(w8a8_export, mini_calibration):
+    out, manifest, proc = w8a8_export
+    q = manifest["quantization"]
+    assert manifest["scheme"] == "w8a8" and q["target"] == "tensorrt" and q["tensorrt_rules"] == "checked"
+    assert q["recipe"]["method"] == "timestep-smoothquant" and len(q["recipe_sha256"]) == 64
+    assert q["calibration"]["artifact_sha256"] == mini_calibration.meta["artifact_sha256"]
+    assert (out / "calibration" / "calibration.json").is_file()
+    layers = q["layers"]
+    assert len(layers) == 42 and all(r["quantized"] and r["smoothed"] and r["rank"] == 0 for r in layers.values())
+    assert all(len(r["act_scales"]) == 3 and min(r["act_scales"]) > 0 for r in layers.values())
+    dit = manifest["graphs"]["dit"]
+    assert 0.24 < dit["size_ratio"] < 0.30  # INT8 weights plus the float layers kept out (sao-mini is small)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["dit_size_ratio"] == pytest.approx(dit["size_ratio"])
+
+
+def test_report_shows_timestep_smoothquant_beating_minmax_and_modelopt(w8a8_export):
+    out, manifest, _ = w8a8_export
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"].split()[0]: r for r in report["rows"]}
+    assert set(rows) == {"quadit", "minmax", "ModelOpt"}
+    assert len(report["prompts"]) == 2 and all(len(r["buckets"]) == 3 for r in report["rows"])
+    ours = rows["quadit"]["mean_step_sqnr_db"]
+    assert ours > rows["minmax"]["mean_step_sqnr_db"] + 3.0
+    assert ours > rows["ModelOpt"]["mean_step_sqnr_db"]
+    assert rows["quadit"]["mean_cosine"] > 0.98 and np.isfinite(rows["quadit"]["final_latent_snr_db"])
+    assert "| quadit w8a8" in (out / "report.md").read_text()
+    assert manifest["report"]["mean_step_sqnr_db"] == pytest.approx(ours)
+
+
+def test_quantized_export_generates_audio(w8a8_export, tmp_path):
+    out, _, _ = w8a8_export
+    wav = tmp_path / "q.wav"
+    proc = run_script("generate.py", "--export", str(out), "--prompt", "a dog barking", "--seconds", "1.5",
+                      "--steps", "10", "--out", str(wav))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    audio, rate = sf.read(str(wav), always_2d=True)
+    assert rate == 44100 and audio.shape == (int(1.5 * 44100), 2) and np.isfinite(audio).all()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--scheme", "w4a8", "--target", "tensorrt"], "w4a8 is not supported by TensorRT"),
+    (["--scheme", "w8a8", "--activations", "dynamic", "--target", "tensorrt"], "dynamic INT8"),
+    (["--scheme", "w9a9"], "unknown scheme"),
+    (["--scheme", "w8a8", "--bucket-policy", "per-layer"], "unknown bucket policy"),
+])
+def test_unsupported_combinations_exit_2_before_any_work(tmp_path, flags, needle):
+    out = tmp_path / "x"
+    proc = run_script("export.py", "--synthetic-weights", *flags, "--calibration", str(tmp_path), "--out", str(out))
+    assert needle in _one_line_error(proc)
+    assert not out.exists()
+
+
+def test_calibration_of_another_model_is_refused(mini_calibration, tmp_path):
+    out = tmp_path / "x"
+    proc = run_script("export.py", "--synthetic-weights", "--seed", "1", "--scheme", "w8a8",
+                      "--calibration", str(mini_calibration.directory), "--out", str(out))
+    assert "does not belong to this model" in _one_line_error(proc)
+    assert not out.exists() and not list(tmp_path.glob(".x*"))
