@@ -100,7 +100,7 @@ def report_stage(loaded: LoadedModel, calibration: Calibration, recipe: Recipe, 
             rows.append(row)
         info = None
         if modelopt:
-            count = min(len(cal_prompts), 8)
+            count = min(len(cal_prompts), 4)  # AWQ's search is slow on CPU; 4 prompts x all steps
             cal_traj = capture(pipeline, reference, cal_prompts[:count], settings)
             session, info = modelopt_candidate(loaded, recipe.scheme, cal_traj)
             rows.append(evaluate(f"ModelOpt {info['config']} (PyTorch fake-quant)", session, reference, trajectories,

@@ -30,6 +30,10 @@ ACTIVATIONS = ("static", "dynamic")
 BUCKET_POLICIES = ("shared", "per-bucket-scale", "per-bucket-graph")
 TARGETS = ("onnxruntime", "tensorrt")
 OVERRIDABLE = ("scheme", "alpha", "lowrank", "block_size", "activations")
+# Accuracy a deployed DiT must keep against FP32 (per-step output SQNR in dB, cosine) on sampler
+# trajectories, unless the recipe sets its own: what `scripts/check.py` enforces. Set from the sao-mini
+# synthetic model's measured figures with a few dB of margin (docs/figures.md).
+DEFAULT_CHECK = {"w8a8": (15.0, 0.98), "w4a16": (0.0, 0.5), "w4a8": (0.0, 0.5)}
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class Recipe:
     bucket_policy: str = "per-bucket-scale"
     block_size: int = 128
     rules: tuple[LayerRule, ...] = field(default_factory=tuple)
+    min_sqnr_db: float | None = None
+    min_cosine: float | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -74,6 +80,12 @@ class Recipe:
         if self.method == "minmax" and self.bucket_policy == "per-bucket-graph":
             raise InputError("bucket policy 'per-bucket-graph' needs smoothing (per-bucket weight sets); "
                              "minmax has one weight set")
+
+    def check_thresholds(self) -> dict[str, float]:
+        """{"min_sqnr_db", "min_cosine"}: the recipe's own, else the scheme's defaults."""
+        sqnr, cos = DEFAULT_CHECK[self.scheme]
+        return {"min_sqnr_db": sqnr if self.min_sqnr_db is None else float(self.min_sqnr_db),
+                "min_cosine": cos if self.min_cosine is None else float(self.min_cosine)}
 
     @property
     def weight_bits(self) -> int:

@@ -69,6 +69,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--schemes", default="w8a8,w4a16,w4a8")
     parser.add_argument("--no-modelopt", action="store_true")
+    parser.add_argument("--modelopt-prompts", type=int, default=2,
+                        help="calibration prompts ModelOpt calibrates on (all their steps; AWQ's search is slow on CPU)")
+    parser.add_argument("--cache", help="JSON-lines file of finished rows, reused when rerun with the same settings")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -87,7 +90,7 @@ def main() -> int:
     from exporter.quantized_export import read_calibration
     from exporter.recipe import Recipe
 
-    schemes = args.schemes.split(",")
+    schemes = [s for s in args.schemes.split(",") if s and s != "none"]
     settings = AccuracySettings(prompts=args.prompts, steps=args.steps, seconds=args.seconds)
     loaded = load_model(model_spec(args))
     calibration = read_calibration(Path(args.calibration), loaded)
@@ -111,25 +114,50 @@ def main() -> int:
                 for s, m, a, p, r in GRID if s in schemes]
         jobs += [(cal, f" [{name} calibration]", Recipe(scheme="w8a8", method="timestep-smoothquant"))
                  for name, cal in extra.items()]
+        cache_key = json.dumps([loaded.identity, dataclasses.asdict(settings), calibration.meta["artifact_sha256"],
+                                args.modelopt_prompts], sort_keys=True)
+        cached = {}
+        if args.cache and Path(args.cache).is_file():
+            for line in Path(args.cache).read_text().splitlines():
+                entry = json.loads(line)
+                if entry["key"] == cache_key:
+                    cached[entry["row"]["name"]] = entry["row"]
+
+        def keep(row: dict) -> None:
+            rows.append(row)
+            if args.cache:
+                with open(args.cache, "a") as f:
+                    f.write(json.dumps({"key": cache_key, "row": row}, default=str) + "\n")
+
         for i, (cal, tag, recipe) in enumerate(jobs):
             name = (f"{recipe.scheme} {recipe.method} {recipe.activations} {recipe.bucket_policy}"
                     f"{f' rank {recipe.lowrank}' if recipe.lowrank else ''}{tag}")
             log.info("[%d/%d] %s", i + 1, len(jobs), name)
+            if name in cached:
+                rows.append(cached[name])
+                continue
             session, size = graph_candidate(fp32, loaded, cal, recipe, scratch / f"cand{i}.onnx")
             row = evaluate(name, session, reference, trajectories, cal.edges, pipeline, settings)
             graphs = len(cal.edges) - 1 if recipe.bucket_policy == "per-bucket-graph" else 1
             row.update({"recipe": recipe.to_json(), "size_ratio": size / fp32_bytes, "graphs": graphs,
                         "total_size_ratio": graphs * size / fp32_bytes})
-            rows.append(row)
+            keep(row)
         if not args.no_modelopt:
-            count = min(len(calibration.meta["prompts"]["list"]), 8)
-            cal_traj = capture(pipeline, reference, calibration.meta["prompts"]["list"][:count], settings)
+            count = min(len(calibration.meta["prompts"]["list"]), args.modelopt_prompts)
             for scheme in schemes:
+                from engines.modelopt_baseline import MODELOPT_CONFIGS
+
+                name = f"ModelOpt {scheme} {MODELOPT_CONFIGS[scheme]}"
+                log.info("%s", name)
+                if name in cached:
+                    rows.append(cached[name])
+                    continue
+                if cal_traj is None:
+                    cal_traj = capture(pipeline, reference, calibration.meta["prompts"]["list"][:count], settings)
                 session, info = modelopt_candidate(loaded, scheme, cal_traj)
-                row = evaluate(f"ModelOpt {scheme} {info['config']}", session, reference, trajectories,
-                               calibration.edges, pipeline, settings)
+                row = evaluate(name, session, reference, trajectories, calibration.edges, pipeline, settings)
                 row["modelopt"] = info
-                rows.append(row)
+                keep(row)
         with atomic_dir(Path(args.out)) as tmp:
             context = {"model": loaded.identity, "prompts": prompts, "settings": dataclasses.asdict(settings),
                        "calibration_sha256": calibration.meta["artifact_sha256"], "rows": rows,
