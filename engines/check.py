@@ -28,6 +28,7 @@ from polygraphy.common import TensorMetadata
 from polygraphy.comparator import (Comparator, CosineSimilarityCompareFunc, RunResults, SimpleCompareFunc,
                                    SnrCompareFunc)
 from polygraphy.datatype import DataType
+from polygraphy.exception import PolygraphyException
 from polygraphy.json import load_json, save_json
 from polygraphy.logger import G_LOGGER
 
@@ -91,15 +92,18 @@ def write_check_data(directory: Path, reference_session: Any, trajectories: Sequ
 def load_check_data(export_dir: Path, manifest: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """The saved inputs and `buckets.json`; InputError (saying how to make them) when absent."""
     directory = Path(export_dir) / CHECK_DIR
+    make = "scripts/export.py --scheme w8a8|w4a16|w4a8 --report-prompts N (N >= 1) writes it"
+    if "quantization" not in manifest:
+        raise InputError(f"{export_dir} has no {CHECK_DIR}/ data: it is a '{manifest.get('scheme', 'fp32')}' "
+                         f"export, and check compares a quantized DiT with FP32; {make}")
     if not (directory / INPUTS).is_file() or not (directory / BUCKETS).is_file():
-        make = "scripts/export.py --scheme w8a8|w4a16|w4a8 --report-prompts N (N >= 1) writes it"
-        if "quantization" not in manifest:
-            raise InputError(f"{export_dir} is a {manifest.get('scheme', 'fp32')} export with no {CHECK_DIR}/ data: "
-                             f"check compares a quantized DiT with FP32; {make}")
-        raise InputError(f"{export_dir} has no {CHECK_DIR}/{INPUTS} (exported with --report-prompts 0 or by an "
+        raise InputError(f"{export_dir} has no {CHECK_DIR}/ data (exported with --report-prompts 0 or by an "
                          f"older quadit): re-export it; {make}")
-    meta = json.loads((directory / BUCKETS).read_text())
-    inputs = list(load_json(str(directory / INPUTS), description="quadit check inputs"))
+    try:
+        meta = json.loads((directory / BUCKETS).read_text())
+        inputs = list(load_json(str(directory / INPUTS), description="quadit check inputs"))
+    except (OSError, ValueError, PolygraphyException) as exc:
+        raise InputError(f"{directory} is unreadable ({type(exc).__name__}): re-export to rewrite it") from None
     if meta.get("schema_version") != SCHEMA or len(meta.get("buckets", ())) != len(inputs):
         raise InputError(f"{directory}: {BUCKETS} (schema {meta.get('schema_version')}, "
                          f"{len(meta.get('buckets', ()))} buckets) does not describe the {len(inputs)} saved inputs")
@@ -170,10 +174,9 @@ class TrtDiTRunner(BaseRunner):
 
         args = [torch.from_numpy(np.ascontiguousarray(feed_dict[n])) for n in FEEDS]
         start = time.perf_counter()
-        v = self.dit.run(*args)
-        torch.cuda.synchronize()
+        v = self.dit.run(*args).cpu()  # CPU inputs: EngineRunner copies the output back, which waits for it
         self.inference_time = time.perf_counter() - start
-        return OrderedDict(v=v.cpu().numpy())
+        return OrderedDict(v=v.numpy())
 
     def deactivate_impl(self) -> None:
         del self.dit

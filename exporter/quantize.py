@@ -46,24 +46,35 @@ class LayerStats:
     absmax: np.ndarray
 
 
-def smoothing_ranges(method: str, stats: LayerStats, bucket: int | None) -> np.ndarray | None:
-    """Per-input-channel activation range the smoothing factors are computed from.
-
-    smoothquant: the max over all buckets. timestep-smoothquant: every bucket's channel profile scaled
-    to the same tensor range before the max, so the low-range (noisy) buckets' outlier channels count
-    as much as the late buckets' (with per-bucket scales each bucket is quantized on its own grid, so
-    its outliers relative to its own range are what matter). With a bucket given (one graph per
-    bucket), that bucket's own ranges.
-    """
+def smoothing_ranges(stats: LayerStats, bucket: int | None) -> np.ndarray:
+    """Per-input-channel activation range the smoothing factors are computed from: the max over all
+    buckets, or one bucket's own ranges when each bucket gets its own graph."""
     ch = np.asarray(stats.ch_absmax, np.float64)
-    if method == "minmax":
-        return None
-    if bucket is not None:
-        return ch[bucket]
-    if method == "smoothquant":
-        return ch.max(axis=0)
-    top = np.maximum(ch.max(axis=1, keepdims=True), 1e-12)
-    return (ch / top).max(axis=0) * top.max()
+    return ch[bucket] if bucket is not None else ch.max(axis=0)
+
+
+def _alphas(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats: Mapping[str, LayerStats],
+            active: Mapping[str, dict[str, Any]], recipe: Recipe, bucket: int | None) -> dict[str, float]:
+    """Per layer: the recipe's alpha (smoothquant), or the alpha searched per activation tensor over the
+    timestep buckets (timestep-smoothquant; see exporter/alpha_search.py)."""
+    if recipe.method != "timestep-smoothquant":
+        return {n: float(s["alpha"]) for n, s in active.items()}
+    from exporter.alpha_search import best_alpha
+    from exporter.onnx_layers import weight_out_in
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in active:
+        groups[sites[name].activation].append(name)
+    out = {}
+    for members in groups.values():
+        ch = np.asarray(stats[members[0]].ch_absmax, np.float64)
+        ch = ch[bucket:bucket + 1] if bucket is not None else ch
+        w_kn = np.concatenate([weight_out_in(model, sites[m]).T for m in members], axis=1)
+        settings = active[members[0]]
+        alpha, _ = best_alpha(ch, w_kn, recipe.bucket_policy == "per-bucket-scale" and bucket is None,
+                              8 if settings["scheme"] == "w8a8" else 4, settings["scheme"] != "w4a16")
+        out.update({m: alpha for m in members})
+    return out
 
 
 def _bucket_index(model: onnx.ModelProto, edges: Sequence[float], t_input: str = "t") -> str:
@@ -197,10 +208,10 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
     factors: dict[str, np.ndarray] = {}
     if recipe.method != "minmax":
         by_alpha: dict[float, dict[str, LinearSite]] = defaultdict(dict)
-        for name, settings in active.items():
-            by_alpha[float(settings["alpha"])][name] = sites[name]
+        for name, alpha in _alphas(model, sites, stats, active, recipe, bucket).items():
+            by_alpha[alpha][name] = sites[name]
         for alpha, group in by_alpha.items():
-            ranges = {n: smoothing_ranges(recipe.method, stats[n], bucket) for n in group}
+            ranges = {n: smoothing_ranges(stats[n], bucket) for n in group}
             _, smooth_record = apply_smoothing(model, group, ranges, alpha)
             for n, rec in smooth_record.items():
                 factors[n] = np.asarray(rec.pop("factors"), np.float64)

@@ -64,7 +64,7 @@ def main() -> int:
             log.error("%s vs %s: %s", c["reference"], c["candidate"], failure)
     log.info("report written to %s", Path(args.export) / REPORT)
     print(json.dumps({"passed": report["passed"], "report": str(Path(args.export).resolve() / REPORT),
-                      **{f"{c['candidate']}.sqnr_db": c.get("sqnr_db") for c in report["comparisons"]}}))
+                      **{f"{c['candidate']}.sqnr_db": c["sqnr_db"] for c in report["comparisons"] if "sqnr_db" in c}}))
     return 0 if report["passed"] else 1
 
 

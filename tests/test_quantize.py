@@ -235,3 +235,22 @@ def test_trt_checker_names_the_broken_node(mini, mini_export, mini_calibration, 
     fail = subprocess.run(cli + [str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0 and "ok (0 violations)" in ok.stdout
     assert fail.returncode == 1 and "act_q" in fail.stdout and "weight_dq" in fail.stdout
+
+
+def test_alpha_search_minimises_the_noise_model_over_buckets():
+    from exporter.alpha_search import ALPHAS, best_alpha, noise_model
+    from exporter.smoothing import smoothing_factors
+
+    rng = np.random.default_rng(7)
+    ch = np.abs(rng.standard_normal((4, 128))) * np.array([1.0, 1.5, 2.5, 4.0])[:, None]
+    ch[:, :3] *= 60  # outlier channels, growing over the buckets
+    w = rng.standard_normal((128, 64)) * 0.05
+    for bits, acts in ((8, True), (4, True), (4, False)):
+        alpha, costs = best_alpha(ch, w, True, bits, acts)
+        assert alpha in ALPHAS and costs[alpha] == min(costs.values())
+        s = smoothing_factors(ch.max(axis=0), np.abs(w).max(axis=1), alpha).astype(np.float64)
+        assert noise_model(ch, w, s, True, 127 if bits == 8 else 7, acts) == pytest.approx(costs[alpha])
+    # 4-bit weights cannot take as much of the activation range as 8-bit ones
+    assert best_alpha(ch, w, True, 4, True)[0] <= best_alpha(ch, w, True, 8, True)[0]
+    # per-bucket scales change the activation term, so the cost differs from one shared scale
+    assert best_alpha(ch, w, True, 8, True)[1][0.5] < best_alpha(ch, w, False, 8, True)[1][0.5]

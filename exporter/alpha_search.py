@@ -1,0 +1,48 @@
+"""Timestep-aware choice of the smoothing strength: per activation tensor, the alpha whose factors minimise
+a quantization-noise model summed over the timestep buckets.
+
+SmoothQuant's fixed alpha balances the activation range against the weight range for one range per
+channel. Across denoising steps the activation ranges move (seed 000, Fig. 2), and with per-bucket
+scales every bucket is quantized on its own grid, so the best balance depends on all buckets at once.
+For factors s (from the channel maxima, as in SmoothQuant) the model charges, per bucket k:
+- activation noise: step (r_k / 127) where r_k = max_j a_kj / s_j (one range per bucket with per-bucket
+  scales, the overall maximum without), spread through the smoothed weight: (r_k/127)^2 / 12 * sum_j s_j^2 |W_j|^2;
+- weight noise: per output channel step max_j |s_j W_ij| / qmax, spread through the smoothed activation:
+  sum_i d_i^2 / 12 * sum_j (a_kj / s_j)^2.
+Channel maxima stand in for magnitudes (the artifact keeps maxima, not second moments), which is the
+same proxy SmoothQuant's formula uses. The search is over a fixed alpha grid, so it is deterministic.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from exporter.smoothing import smoothing_factors
+
+ALPHAS = tuple(round(0.05 * i, 2) for i in range(19))  # 0.00 (all range to the activations) .. 0.90
+
+
+def noise_model(ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarray, per_bucket_scale: bool,
+                weight_qmax: int, quantize_activations: bool) -> float:
+    a = np.asarray(ch_absmax, np.float64)                 # [K, C]
+    w = np.asarray(w_kn, np.float64) * s[:, None]         # smoothed weight [C, N]
+    x = a / s[None, :]                                    # smoothed activation maxima [K, C]
+    weight_step = np.abs(w).max(axis=0) / weight_qmax     # [N]
+    weight_noise = (weight_step ** 2).sum() / 12 * (x ** 2).sum(axis=1)   # [K]
+    if not quantize_activations:
+        return float(weight_noise.sum())
+    ranges = x.max(axis=1)
+    if not per_bucket_scale:
+        ranges = np.full_like(ranges, ranges.max())
+    act_noise = (ranges / 127) ** 2 / 12 * (w ** 2).sum()                 # [K]
+    return float((weight_noise + act_noise).sum())
+
+
+def best_alpha(ch_absmax: np.ndarray, w_kn: np.ndarray, per_bucket_scale: bool, weight_bits: int,
+               quantize_activations: bool) -> tuple[float, dict[float, float]]:
+    """(alpha, {alpha: modelled noise}) for one activation tensor and the weights that read it."""
+    a_max = np.asarray(ch_absmax, np.float64).max(axis=0)
+    w_max = np.abs(np.asarray(w_kn, np.float64)).max(axis=1)
+    qmax = 127 if weight_bits == 8 else 7
+    costs = {alpha: noise_model(ch_absmax, w_kn, smoothing_factors(a_max, w_max, alpha).astype(np.float64),
+                                per_bucket_scale, qmax, quantize_activations) for alpha in ALPHAS}
+    return min(costs, key=costs.get), costs
