@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from engines.accuracy import (AccuracySettings, TorchSession, Trajectory, capture, evaluate, heldout_prompts,
                               settings_json, write_report)
 from engines.backends import OrtBackend
+from engines.check import write_check_data
 from engines.runtime import Pipeline
 from exporter.graph_edit import save, weight_bytes
 from exporter.layers import quantizable_linears
@@ -84,6 +85,7 @@ def report_stage(loaded: LoadedModel, calibration: Calibration, recipe: Recipe, 
         prompts = heldout_prompts(cal_prompts, settings.prompts, settings.heldout_seed)
         trajectories = capture(pipeline, reference, prompts, settings)
         edges = calibration.edges
+        manifest["check"] = write_check_data(tmp, reference, trajectories, edges)
         fp32_bytes = manifest["graphs"]["dit"]["fp32_weight_bytes"]
         rows = []
         this = evaluate(f"quadit {recipe.scheme} {recipe.method} ({recipe.activations}, {recipe.bucket_policy}, "

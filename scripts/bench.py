@@ -27,7 +27,7 @@ CANDIDATES = {
     "ort w8a8 static": ("w8a8", "timestep-smoothquant", "static", "per-bucket-scale", "dql"),
     "ort w8a8 dynamic (dql)": ("w8a8", "timestep-smoothquant", "dynamic", "shared", "dql"),
     "ort w8a8 dynamic (nbits)": ("w8a8", "timestep-smoothquant", "dynamic", "shared", "nbits"),
-    "ort w4a16": ("w4a16", "minmax", "static", "shared", "dql"),
+    "ort w4a16": ("w4a16", "timestep-smoothquant", "static", "shared", "dql"),
     "ort w4a8": ("w4a8", "timestep-smoothquant", "dynamic", "shared", "dql"),
 }
 

@@ -115,7 +115,7 @@ def main() -> int:
         jobs += [(cal, f" [{name} calibration]", Recipe(scheme="w8a8", method="timestep-smoothquant"))
                  for name, cal in extra.items()]
         cache_key = json.dumps([loaded.identity, dataclasses.asdict(settings), calibration.meta["artifact_sha256"],
-                                args.modelopt_prompts], sort_keys=True)
+                                args.modelopt_prompts, prompts], sort_keys=True)
         cached = {}
         if args.cache and Path(args.cache).is_file():
             for line in Path(args.cache).read_text().splitlines():

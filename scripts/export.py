@@ -24,8 +24,8 @@ def _arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     add_model_args(parser)
     parser.add_argument("--scheme", default="fp32", help="fp32, fp16, w8a8, w4a16 or w4a8")
-    parser.add_argument("--method", default=None, help="minmax, smoothquant or timestep-smoothquant "
-                        "(default: timestep-smoothquant for w8a8/w4a8, minmax for w4a16)")
+    parser.add_argument("--method", default="timestep-smoothquant",
+                        help="minmax, smoothquant or timestep-smoothquant (default)")
     parser.add_argument("--alpha", type=float, default=0.5, help="smoothing strength (0..1)")
     parser.add_argument("--lowrank", type=int, default=0, help="rank of the SVD low-rank branch (0: none)")
     parser.add_argument("--activations", default="static", help="static (SQS) or dynamic (SQD, ONNX Runtime only)")
@@ -56,7 +56,7 @@ def _recipe(args: argparse.Namespace):
             return Recipe.from_json(json.loads(Path(args.recipe).read_text()))
         except (OSError, json.JSONDecodeError, TypeError) as exc:
             raise InputError(f"cannot read recipe {args.recipe}: {exc}") from None
-    method = args.method or ("minmax" if args.scheme == "w4a16" else "timestep-smoothquant")
+    method = args.method
     policy = args.bucket_policy if method != "minmax" or args.bucket_policy != "per-bucket-graph" else "shared"
     return Recipe(scheme=args.scheme, method=method, alpha=args.alpha, lowrank=args.lowrank,
                   activations=args.activations, bucket_policy=policy, block_size=args.block_size)
