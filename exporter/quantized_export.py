@@ -74,21 +74,22 @@ def _json_record(record: Mapping[str, dict]) -> dict[str, dict]:
     return {n: {k: (float(v) if isinstance(v, np.floating) else v) for k, v in r.items()} for n, r in record.items()}
 
 
-def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: QuantizeOptions, scratch: Path
-                   ) -> Callable[[Path, dict[str, Any]], None]:
+def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: QuantizeOptions, scratch: Path,
+                   source: Path | None = None) -> Callable[[Path, dict[str, Any]], None]:
     """A stage for `export_model`: replaces the FP32 dit graph in the export by the quantized one(s).
-    The FP32 graph is kept at `scratch/dit.fp32.onnx` for the accuracy report."""
+    The FP32 graph is kept at `scratch/dit.fp32.onnx` for the accuracy report. `source`: read the FP32
+    graph from this export directory instead (several quantized exports sharing one FP32 export)."""
     recipe = options.recipe
     layers = list(quantizable_linears(loaded.dit))
 
     def stage(tmp: Path, manifest: dict[str, Any]) -> None:
         entry = manifest["graphs"]["dit"]
         fp32 = Path(scratch) / "dit.fp32.onnx"
-        model = onnx.load(str(tmp / entry["file"]))
+        model = onnx.load(str((source or tmp) / entry["file"]))
         graph_edit.save(model, fp32, PROTOBUF_LIMIT)
         del model
         for f in entry["files"]:
-            (tmp / f).unlink()
+            (tmp / f).unlink(missing_ok=True)
         fp32_bytes = entry["weight_bytes"]
         k = len(calibration.edges) - 1
         targets = [(None, "dit.onnx")] if recipe.bucket_policy != "per-bucket-graph" else \

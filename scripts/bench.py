@@ -170,10 +170,13 @@ def main() -> int:
         for i, name in enumerate(names):
             scheme, method, act, policy, kernel = CANDIDATES[name]
             recipe = Recipe(scheme=scheme, method=method, activations=act, bucket_policy=policy, lowrank=args.lowrank)
-            stage = quantize_stage(loaded, calibration, QuantizeOptions(recipe, "onnxruntime", kernel), scratch)
+            stage = quantize_stage(loaded, calibration, QuantizeOptions(recipe, "onnxruntime", kernel), scratch,
+                                   source=scratch / "fp32")
             manifest = json.loads(json.dumps(fp32_manifest))
             target = scratch / f"q{i}"
-            shutil.copytree(scratch / "fp32", target, copy_function=os.link)  # the stage replaces only dit files
+            # the other graphs are shared (hard links); the stage writes the dit files afresh
+            shutil.copytree(scratch / "fp32", target, copy_function=os.link,
+                            ignore=shutil.ignore_patterns(*fp32_manifest["graphs"]["dit"]["files"]))
             stage(target, manifest)
             write_manifest(target, manifest)
             exports[name] = (target, manifest)

@@ -32,6 +32,8 @@ GRID = [
     ("w4a16", "minmax", "static", "shared", 0),
     ("w4a16", "minmax", "static", "shared", 32),
     ("w4a16", "smoothquant", "static", "shared", 0),
+    ("w4a16", "timestep-smoothquant", "static", "shared", 0),
+    ("w4a16", "timestep-smoothquant", "static", "shared", 32),
     ("w4a8", "minmax", "static", "shared", 0),
     ("w4a8", "timestep-smoothquant", "static", "per-bucket-scale", 0),
     ("w4a8", "timestep-smoothquant", "static", "per-bucket-scale", 32),
