@@ -139,6 +139,7 @@ def main() -> int:
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="quantized candidates to time")
     parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch eager")
     parser.add_argument("--lowrank", type=int, default=0, help="low-rank branch rank of every quantized candidate")
+    parser.add_argument("--also-lowrank", type=int, default=0, help="also time every candidate with this rank")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--e2e-steps", type=int, default=0, help="also time generate with this many steps (0: no)")
@@ -167,9 +168,11 @@ def main() -> int:
     try:
         fp32_manifest = export_model(loaded, scratch / "fp32", ExportOptions(scheme="fp32"))
         exports["ort fp32"] = (scratch / "fp32", fp32_manifest)
-        for i, name in enumerate(names):
-            scheme, method, act, policy, kernel = CANDIDATES[name]
-            recipe = Recipe(scheme=scheme, method=method, activations=act, bucket_policy=policy, lowrank=args.lowrank)
+        ranks = [args.lowrank] + ([args.also_lowrank] if args.also_lowrank else [])
+        for i, (base_name, rank) in enumerate((n, r) for n in names for r in ranks):
+            scheme, method, act, policy, kernel = CANDIDATES[base_name]
+            name = base_name + (f" rank {rank}" if rank else "")
+            recipe = Recipe(scheme=scheme, method=method, activations=act, bucket_policy=policy, lowrank=rank)
             stage = quantize_stage(loaded, calibration, QuantizeOptions(recipe, "onnxruntime", kernel), scratch,
                                    source=scratch / "fp32")
             manifest = json.loads(json.dumps(fp32_manifest))
