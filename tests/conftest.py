@@ -77,3 +77,11 @@ def mini_calibration(mini, tmp_path_factory):
     calibrate(mini, select_prompts("seed", 4), CalibrationSettings(steps=8, buckets=3, seconds=2.0), out,
               prompt_source="seed")
     return read_calibration(out, mini)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The CLI contract for bad input: exit code 2 and exactly one `error:` line on stderr (returned)."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]

@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import run_script
+from conftest import one_line_error, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-
-def _one_line_error(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    return lines[0]
 
 
 def test_generate_cli_writes_stereo_44k_wav_of_requested_length(mini_export, tmp_path):
@@ -91,7 +85,7 @@ def test_export_bad_input_exits_2_and_leaves_nothing(case, tmp_path):
     args = make_args(work)
     before = set(work.iterdir())
     proc = run_script("export.py", *args, "--out", str(work / "export"))
-    line = _one_line_error(proc)
+    line = one_line_error(proc)
     assert expected in line
     assert set(work.iterdir()) == before, "a failed export must leave nothing behind"
 
@@ -102,14 +96,14 @@ def test_export_to_unwritable_directory_exits_2(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     proc = run_script("export.py", "--synthetic-weights", "--out", str(locked / "export"))
-    assert "cannot write" in _one_line_error(proc)
+    assert "cannot write" in one_line_error(proc)
 
 
 def test_export_to_path_under_a_file_exits_2(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     proc = run_script("export.py", "--synthetic-weights", "--out", str(blocker / "export"))
-    assert "cannot write" in _one_line_error(proc)
+    assert "cannot write" in one_line_error(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
@@ -118,11 +112,11 @@ def test_generate_bad_duration_exits_2_and_writes_nothing(mini_export, tmp_path,
     export_dir, _ = mini_export
     proc = run_script("generate.py", "--export", str(export_dir), "--prompt", "x", "--seconds", seconds,
                       "--out", str(tmp_path / "x.wav"))
-    assert expected in _one_line_error(proc)
+    assert expected in one_line_error(proc)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_generate_from_a_directory_that_is_not_an_export_exits_2(tmp_path):
     proc = run_script("generate.py", "--export", str(tmp_path), "--prompt", "x", "--seconds", "1",
                       "--out", str(tmp_path / "x.wav"))
-    assert "not a quadit export" in _one_line_error(proc)
+    assert "not a quadit export" in one_line_error(proc)

@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import run_script
+from conftest import one_line_error, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def _one_line_error(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +71,7 @@ def test_quantized_export_generates_audio(w8a8_export, tmp_path):
 def test_unsupported_combinations_exit_2_before_any_work(tmp_path, flags, needle):
     out = tmp_path / "x"
     proc = run_script("export.py", "--synthetic-weights", *flags, "--calibration", str(tmp_path), "--out", str(out))
-    assert needle in _one_line_error(proc)
+    assert needle in one_line_error(proc)
     assert not out.exists()
 
 
@@ -86,5 +79,5 @@ def test_calibration_of_another_model_is_refused(mini_calibration, tmp_path):
     out = tmp_path / "x"
     proc = run_script("export.py", "--synthetic-weights", "--seed", "1", "--scheme", "w8a8",
                       "--calibration", str(mini_calibration.directory), "--out", str(out))
-    assert "does not belong to this model" in _one_line_error(proc)
+    assert "does not belong to this model" in one_line_error(proc)
     assert not out.exists() and not list(tmp_path.glob(".x*"))
