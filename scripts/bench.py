@@ -1,16 +1,20 @@
 #!/usr/bin/env python
 """Benchmark the DiT per sampler step, side by side in one run: PyTorch eager FP32, ONNX Runtime FP32 and
-every quantized form quadit exports (w8a8 static, w8a8 dynamic with both kernels, w4a16, w4a8), at the
-given latent lengths with the CFG batch of 2; plus end-to-end `generate` time for FP32 vs the fastest
-quantized graph. Each candidate runs in its own subprocess, so its peak RSS is its own. Writes
-bench.json, bench.md and bench.png. Timings are medians of --runs runs after --warmup runs."""
+every quantized form quadit exports (w8a8 static with per-bucket or shared scales, w8a8 dynamic with both
+kernels, w4a16, w4a8), at the given latent lengths with the CFG batch of 2; plus end-to-end `generate` time
+for FP32 vs the fastest quantized graph. On a machine with a CUDA GPU it adds PyTorch FP16 eager and
+torch.compile, and, where TensorRT is installed, engines built from FP16, w8a8 and w4a16 exports.
+
+Each candidate runs in its own subprocess, so its peak memory is its own. CPU rows are compared with ORT
+FP32, CUDA rows with PyTorch FP16 eager. --breakdown adds ORT's profiler view of where each ORT step's
+time goes and the Amdahl bound that follows. Writes bench.json, bench.md and bench.png. Timings are
+medians of --runs runs after --warmup runs."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -19,71 +23,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._bench_candidates import torch_candidates, worker  # noqa: E402
 from scripts._common import add_model_args, model_spec, run, setup_logging  # noqa: E402
 
 log = logging.getLogger("bench")
 # name -> (scheme, method, activations, bucket policy, dynamic kernel)
 CANDIDATES = {
     "ort w8a8 static": ("w8a8", "timestep-smoothquant", "static", "per-bucket-scale", "dql"),
+    "ort w8a8 static (shared)": ("w8a8", "timestep-smoothquant", "static", "shared", "dql"),
     "ort w8a8 dynamic (dql)": ("w8a8", "timestep-smoothquant", "dynamic", "shared", "dql"),
     "ort w8a8 dynamic (nbits)": ("w8a8", "timestep-smoothquant", "dynamic", "shared", "nbits"),
     "ort w4a16": ("w4a16", "timestep-smoothquant", "static", "shared", "dql"),
     "ort w4a8": ("w4a8", "timestep-smoothquant", "dynamic", "shared", "dql"),
 }
-
-
-def _feeds(dims: dict, length: int):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    return {"x": rng.standard_normal((2, dims["io_channels"], length)).astype(np.float32),
-            "t": np.full(2, 0.5, np.float32),
-            "cross_attn_cond": rng.standard_normal((2, dims["cond_tokens"], dims["cond_dim"])).astype(np.float32),
-            "global_embed": rng.standard_normal((2, dims["global_dim"])).astype(np.float32)}
-
-
-def worker(spec: dict) -> dict:
-    """Time one candidate (runs in a subprocess)."""
-    import numpy as np
-
-    feeds = _feeds(spec["dims"], spec["length"])
-    if spec["kind"] == "torch":
-        import torch
-
-        from exporter.graphs import DiTGraph
-        from exporter.models import reload_from_identity
-
-        torch.set_num_threads(os.cpu_count() or 1)
-        module = DiTGraph(reload_from_identity(spec["manifest"]).dit).eval()
-        tensors = [torch.from_numpy(feeds[k]) for k in ("x", "t", "cross_attn_cond", "global_embed")]
-
-        def step():
-            with torch.no_grad():
-                module(*tensors)
-    else:
-        from engines.backends import dit_session
-
-        session = dit_session(Path(spec["dir"]), spec["entry"])
-
-        def step():
-            session.run(["v"], feeds)
-    for _ in range(spec["warmup"]):
-        step()
-    times = []
-    for _ in range(spec["runs"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"median_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * float(np.min(times)),
-            "peak_rss_mb": _peak_rss_mb()}
-
-
-def _peak_rss_mb() -> float:
-    """VmHWM of this process: ru_maxrss would carry over the parent's high-water mark across exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# TensorRT rows: name -> (scheme, bucket policy); strongly typed engines take precision from the graph
+TRT_CANDIDATES = {"tensorrt fp16": ("fp16", None), "tensorrt w8a8": ("w8a8", "shared"),
+                  "tensorrt w4a16": ("w4a16", "shared")}
+BASELINES = {"cpu": "ort fp32", "cuda": "torch eager fp16 (cuda)"}
 
 
 def _measure(spec: dict) -> dict:
@@ -116,15 +72,76 @@ def _chart(rows: list[dict], path: Path) -> None:
 
     lengths = sorted({r["length"] for r in rows})
     names = list(dict.fromkeys(r["name"] for r in rows))
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 0.4 * len(names) + 1.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 0.4 * len(names) + 1.5), squeeze=False)
     for ax, length in zip(axes[0], lengths):
-        sub = {r["name"]: r["median_ms"] for r in rows if r["length"] == length}
-        ax.barh(names[::-1], [sub.get(n, 0) for n in names[::-1]], color="#3b6fb6")
+        sub = {r["name"]: r for r in rows if r["length"] == length}
+        colors = ["#c2552b" if sub.get(n, {}).get("device") == "cuda" else "#3b6fb6" for n in names[::-1]]
+        ax.barh(names[::-1], [sub[n]["median_ms"] if n in sub else 0 for n in names[::-1]], color=colors)
+        ax.set_xscale("log")
         ax.set_title(f"DiT step, CFG batch 2, latent length {length}")
-        ax.set_xlabel("median ms")
+        ax.set_xlabel("median ms (log; blue CPU, orange CUDA)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _markdown(doc: dict, title: str) -> list[str]:
+    rows, runs = doc["rows"], doc["runs"]
+    lines = [title, "", "| candidate | device | latent length | median ms | vs baseline | peak RSS MB | GPU MB | "
+             "DiT weights vs FP32 |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['device']} | {r['length']} | {r['median_ms']:.1f} | {r['vs_baseline']:.2f}x | "
+              f"{r['peak_rss_mb']:.0f} | {r['gpu_mb']:.0f} | {_ratio(r['size_ratio'])} |".replace("| nan |", "| - |")
+              for r in rows]
+    lines += ["", f"Baselines: CPU rows vs {BASELINES['cpu']}, CUDA rows vs {BASELINES['cuda']}; "
+              f"median of {runs} runs after {doc['warmup']} warm-up."]
+    if doc["generate_seconds"]:
+        lines += ["", f"`generate` ({doc['e2e_steps']} steps, {doc['e2e_audio_seconds']} s audio): " +
+                  ", ".join(f"{k} {v:.1f} s" for k, v in doc["generate_seconds"].items())]
+    profiled = [r for r in rows if r.get("breakdown")]
+    if profiled:
+        from engines.ort_profile import CATEGORIES
+
+        lines += ["", "Where the time goes (ORT profiler, kernel ms per step):", "",
+                  "| candidate | latent length | " + " | ".join(CATEGORIES) + " | total |",
+                  "|---|---|" + "---|" * (len(CATEGORIES) + 1)]
+        lines += [f"| {r['name']} | {r['length']} | " + " | ".join(f"{r['breakdown'][c]:.1f}" for c in CATEGORIES)
+                  + f" | {r['breakdown']['total']:.1f} |" for r in profiled]
+        bounded = [r for r in profiled if r.get("amdahl")]
+        lines += ["", "Amdahl view against ORT FP32 (weight GEMMs = the layers quantization replaces; their "
+                  "speedup counts the activation quantization and branch work they bring):", "",
+                  "| candidate | latent length | FP32 time in weight GEMMs | GEMM speedup in situ | bound at that "
+                  "speedup | bound with free GEMMs |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['length']} | {r['amdahl']['gemm_fraction_fp32']:.0%} | "
+                  f"{r['amdahl']['gemm_speedup']:.2f}x | {r['amdahl']['bound_at_this_speedup']:.2f}x | "
+                  f"{r['amdahl']['bound_free_gemms']:.2f}x |" for r in bounded]
+    return lines
+
+
+def _trt_exports(loaded, calibration, scratch: Path, lengths: list[int], dims: dict) -> dict[str, Path]:
+    """Export and build the TensorRT candidates; name -> DiT engine file. Profiles: CFG batch 2 over the
+    benchmarked lengths (seconds chosen half a latent below each length, so ceil() lands on it)."""
+    from engines.tensorrt import BuildSettings, build_engines
+    from exporter.export import ExportOptions, export_model
+    from exporter.quantized_export import QuantizeOptions, quantize_stage
+    from exporter.recipe import Recipe
+
+    def seconds(length: int) -> float:
+        return (length - 0.5) * dims["downsampling_ratio"] / dims["sample_rate"]
+
+    settings = BuildSettings(min_seconds=seconds(min(lengths)), max_seconds=seconds(max(lengths)), batch_sizes=(2,),
+                             timing_cache=str(scratch / "timing.cache"))
+    engines = {}
+    for i, (name, (scheme, policy)) in enumerate(TRT_CANDIDATES.items()):
+        stages = []
+        if policy is not None:
+            recipe = Recipe(scheme=scheme, method="timestep-smoothquant", activations="static", bucket_policy=policy)
+            stages = [quantize_stage(loaded, calibration, QuantizeOptions(recipe, "tensorrt"), scratch)]
+        export = scratch / f"trt{i}"
+        export_model(loaded, export, ExportOptions(scheme="fp16" if scheme == "fp16" else "fp32"), stages)
+        doc = build_engines(export, scratch / f"trt{i}-engines", settings)
+        engines[name] = scratch / f"trt{i}-engines" / doc["engines"]["dit"]["engine"]
+        log.info("built %s (%.0f s)", name, sum(e["build_seconds"] for e in doc["engines"].values()))
+    return engines
 
 
 def main() -> int:
@@ -136,10 +153,13 @@ def main() -> int:
     add_model_args(parser)
     parser.add_argument("--calibration", required=True, help="calibration artifact of this model")
     parser.add_argument("--lengths", default="256,1024", help="latent lengths")
-    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="quantized candidates to time")
-    parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch eager")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="quantized ORT candidates to time")
+    parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch eager on the CPU")
+    parser.add_argument("--gpu", choices=("auto", "off"), default="auto",
+                        help="auto (default): add CUDA rows (PyTorch FP16, TensorRT) where a GPU is present")
     parser.add_argument("--lowrank", type=int, default=0, help="low-rank branch rank of every quantized candidate")
     parser.add_argument("--also-lowrank", type=int, default=0, help="also time every candidate with this rank")
+    parser.add_argument("--breakdown", action="store_true", help="profile each ORT step: where the time goes")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--e2e-steps", type=int, default=0, help="also time generate with this many steps (0: no)")
@@ -151,7 +171,12 @@ def main() -> int:
 
     import platform
 
+    import torch
+
+    from engines.ort_profile import amdahl
+    from engines.tensorrt import tensorrt_unavailable
     from exporter.artifacts import atomic_dir, write_manifest
+    from exporter.errors import InputError
     from exporter.export import ExportOptions, export_model
     from exporter.models import load_model
     from exporter.quantized_export import QuantizeOptions, quantize_stage, read_calibration
@@ -161,6 +186,12 @@ def main() -> int:
         log.warning("--runs %d < 10: medians of fewer runs are noisy", args.runs)
     lengths = [int(v) for v in args.lengths.split(",")]
     names = [n for n in args.candidates.split(",") if n]
+    if unknown := [n for n in names if n not in CANDIDATES]:
+        raise InputError(f"unknown candidates {unknown} (choose from: {', '.join(CANDIDATES)})")
+    cuda = args.gpu == "auto" and torch.cuda.is_available()
+    trt_reason = tensorrt_unavailable() if cuda else "no CUDA GPU"
+    if cuda and trt_reason:
+        log.warning("no TensorRT rows: %s", trt_reason)
     loaded = load_model(model_spec(args))
     calibration = read_calibration(Path(args.calibration), loaded)
     scratch = Path(tempfile.mkdtemp(prefix="quadit-bench-"))
@@ -168,6 +199,7 @@ def main() -> int:
     try:
         fp32_manifest = export_model(loaded, scratch / "fp32", ExportOptions(scheme="fp32"))
         exports["ort fp32"] = (scratch / "fp32", fp32_manifest)
+        dims = fp32_manifest["dims"]
         ranks = [args.lowrank] + ([args.also_lowrank] if args.also_lowrank else [])
         for i, (base_name, rank) in enumerate((n, r) for n in names for r in ranks):
             scheme, method, act, policy, kernel = CANDIDATES[base_name]
@@ -183,46 +215,47 @@ def main() -> int:
             stage(target, manifest)
             write_manifest(target, manifest)
             exports[name] = (target, manifest)
+        engines = _trt_exports(loaded, calibration, scratch, lengths, dims) if cuda and not trt_reason else {}
         del loaded
-        dims = fp32_manifest["dims"]
+        torch_rows = {} if args.no_torch else torch_candidates(cuda)
+        if args.no_torch and cuda:
+            torch_rows = {k: v for k, v in torch_candidates(True).items() if v["device"] == "cuda"}
         for length in lengths:
-            order = ([("torch eager fp32", None)] if not args.no_torch else []) + list(exports.items())
-            for name, export in order:
-                spec = {"length": length, "dims": dims, "warmup": args.warmup, "runs": args.runs}
-                if export is None:
-                    spec.update(kind="torch", manifest=fp32_manifest)
-                else:
-                    spec.update(kind="ort", dir=str(export[0]), entry=export[1]["graphs"]["dit"])
+            base = {"length": length, "dims": dims, "warmup": args.warmup, "runs": args.runs}
+            specs = [(n, {**base, "kind": "torch", "manifest": fp32_manifest, **t}, None) for n, t in torch_rows.items()]
+            specs += [(n, {**base, "kind": "ort", "dir": str(d), "entry": m["graphs"]["dit"], "profile": args.breakdown},
+                       m["graphs"]["dit"].get("size_ratio", 1.0)) for n, (d, m) in exports.items()]
+            specs += [(n, {**base, "kind": "trt", "engine": str(e)}, None) for n, e in engines.items()]
+            for name, spec, size in specs:
                 result = _measure(spec)
-                size = None if export is None else export[1]["graphs"]["dit"].get("size_ratio", 1.0)
-                rows.append({"name": name, "length": length, **result, "size_ratio": size})
-                log.info("L=%-5d %-26s %9.1f ms  peak RSS %7.0f MB", length, name, result["median_ms"], result["peak_rss_mb"])
+                device = "cuda" if spec["kind"] == "trt" or spec.get("device") == "cuda" else "cpu"
+                rows.append({"name": name, "length": length, "device": device, **result, "size_ratio": size,
+                             "gpu_mb": result.get("gpu_mb", float("nan"))})
+                log.info("L=%-5d %-28s %9.1f ms  peak RSS %7.0f MB", length, name, result["median_ms"],
+                         result["peak_rss_mb"])
         for r in rows:
-            base = next(b for b in rows if b["name"] == "ort fp32" and b["length"] == r["length"])
-            r["vs_ort_fp32"] = r["median_ms"] / base["median_ms"]
+            base_row = next((b for b in rows if b["name"] == BASELINES[r["device"]] and b["length"] == r["length"]), None)
+            r["vs_baseline"] = r["median_ms"] / base_row["median_ms"] if base_row else float("nan")
+            r["vs_ort_fp32"] = r["vs_baseline"] if r["device"] == "cpu" else None  # bench.json readers of v1
+            if r.get("breakdown") and base_row and base_row.get("breakdown") and r is not base_row:
+                r["amdahl"] = amdahl(base_row["breakdown"], r["breakdown"])
         e2e = {}
         if args.e2e_steps:
-            fastest = min((r for r in rows if r["name"] not in ("ort fp32", "torch eager fp32") and r["length"] == max(lengths)),
-                          key=lambda r: r["median_ms"])["name"]
+            fastest = min((r for r in rows if r["name"] in exports and r["name"] != "ort fp32"
+                           and r["length"] == max(lengths)), key=lambda r: r["median_ms"])["name"]
             for name in ("ort fp32", fastest):
                 e2e[name] = _generate_seconds(exports[name][0], args.e2e_steps, args.e2e_seconds)
                 log.info("generate %s: %.1f s (%d steps, %.1f s audio)", name, e2e[name], args.e2e_steps, args.e2e_seconds)
         machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                   "python": platform.python_version()}
+                   "python": platform.python_version(),
+                   "gpu": torch.cuda.get_device_name(0) if cuda else None, "tensorrt": trt_reason or "available"}
+        doc = {"model": fp32_manifest["model"], "machine": machine, "runs": args.runs, "warmup": args.warmup,
+               "rows": rows, "generate_seconds": e2e, "e2e_steps": args.e2e_steps, "e2e_audio_seconds": args.e2e_seconds}
+        title = (f"DiT per step, CFG batch 2, {fp32_manifest['model']['model']} ({fp32_manifest['model']['weights']}), "
+                 f"{machine['cores']} CPU cores" + (f", {machine['gpu']}" if cuda else ", no GPU"))
+        lines = _markdown(doc, title)
         with atomic_dir(Path(args.out)) as tmp:
-            (tmp / "bench.json").write_text(json.dumps({"model": fp32_manifest["model"], "machine": machine,
-                                                        "runs": args.runs, "warmup": args.warmup, "rows": rows,
-                                                        "generate_seconds": e2e, "e2e_steps": args.e2e_steps,
-                                                        "e2e_audio_seconds": args.e2e_seconds}, indent=1) + "\n")
-            lines = [f"DiT per step, CFG batch 2, {fp32_manifest['model']['model']} ({fp32_manifest['model']['weights']}), "
-                     f"{machine['cores']} cores; median of {args.runs} runs after {args.warmup} warm-up", "",
-                     "| candidate | latent length | median ms | vs ORT FP32 | peak RSS MB | DiT weights vs FP32 |",
-                     "|---|---|---|---|---|---|"]
-            lines += [f"| {r['name']} | {r['length']} | {r['median_ms']:.1f} | {r['vs_ort_fp32']:.2f}x | "
-                      f"{r['peak_rss_mb']:.0f} | {_ratio(r['size_ratio'])} |" for r in rows]
-            if e2e:
-                lines += ["", f"`generate` ({args.e2e_steps} steps, {args.e2e_seconds} s audio): " +
-                          ", ".join(f"{k} {v:.1f} s" for k, v in e2e.items())]
+            (tmp / "bench.json").write_text(json.dumps(doc, indent=1) + "\n")
             (tmp / "bench.md").write_text("\n".join(lines) + "\n")
             _chart(rows, tmp / "bench.png")
         print("\n".join(lines))

@@ -1,0 +1,145 @@
+"""Where a DiT step spends its time in ONNX Runtime: kernel time per category from ORT's own profiler.
+
+The categories answer the question a speed target raises: how much of the step is the weight GEMMs that
+quantization accelerates, how much is added by quantizing activations, and how much is float work that no
+weight format touches (attention's activation x activation MatMuls, Softmax, norms and elementwise ops).
+From the FP32 breakdown and a quantized one follow the in-situ GEMM speedup and Amdahl's bound on the step.
+
+Profile events name the node that ran. ORT's fusions keep the name of the node they start from, sometimes
+with a suffix (`node_linear_6/MatmulTransposeFusion/`), so a name is mapped to the longest graph node name
+it starts with; what maps nowhere is classified by op type.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("weight GEMMs", "activation quantization", "low-rank branch", "attention MatMuls", "Softmax", "other")
+_QUANT_GEMMS = {"MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulNBits"}
+_FLOAT_GEMMS = {"MatMul", "FusedMatMul", "Gemm"}
+_ACT_QUANT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# suffixes of the node names exporter.names gives the nodes quantization adds
+_ACT_SUFFIXES = ("act_q", "act_dq", "dql", "prescale_mul", "postscale_mul", "_gather", "_unsqueeze")
+_GEMM_SUFFIXES = ("mmi", "mmi_cast", "mmi_rescale", "mmi_scale", "matmulnbits", "weight_dq")
+
+
+def _weight_fed(name: str, initializers: set[str], producers: Mapping[str, Any], depth: int = 4) -> bool:
+    """True when tensor `name` is a constant: an initializer, possibly through DQ/Cast/Transpose/Reshape."""
+    for _ in range(depth):
+        if name in initializers:
+            return True
+        node = producers.get(name)
+        if node is None or node.op_type not in {"DequantizeLinear", "Cast", "Transpose", "Reshape", "Constant"}:
+            return False
+        if node.op_type == "Constant":
+            return True
+        name = node.input[0]
+    return False
+
+
+def classify_graph(path: Path) -> dict[str, str]:
+    """node name -> category, for every node of the ONNX graph at `path` (weights are not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    result = {}
+    for node in graph.node:
+        tail = node.name.rsplit(".", 1)[-1] if "." in node.name else ""  # exporter.names.node: owner.op
+        if tail.startswith("lowrank_"):
+            category = "low-rank branch"
+        elif (node.name.startswith("quadit.bucket") or node.name.endswith("__smooth_mul")
+              or (tail and tail.endswith(_ACT_SUFFIXES))):
+            category = "activation quantization"
+        elif tail in _GEMM_SUFFIXES or node.op_type in _QUANT_GEMMS:
+            category = "weight GEMMs"
+        elif node.op_type in _FLOAT_GEMMS:
+            weight = len(node.input) > 1 and _weight_fed(node.input[1], initializers, producers)
+            category = "weight GEMMs" if weight else "attention MatMuls"
+        elif node.op_type == "Softmax":
+            category = "Softmax"
+        else:
+            category = "other"
+        result[node.name] = category
+    return result
+
+
+def _category_of(event_name: str, op: str, nodes: Mapping[str, str], prefixes: list[str]) -> str:
+    name = event_name.removesuffix("_kernel_time")
+    if name in nodes:
+        category = nodes[name]
+    else:
+        match = next((p for p in prefixes if name.startswith(p)), None)
+        category = nodes[match] if match else "other"
+    if category == "other":  # fused or renamed by ORT: the op type decides
+        if op in _QUANT_GEMMS:
+            return "weight GEMMs"
+        if op in _ACT_QUANT:
+            return "activation quantization"
+        if op == "Softmax":
+            return "Softmax"
+    return category
+
+
+def breakdown(events: list[dict[str, Any]], nodes: Mapping[str, str], runs: int) -> dict[str, float]:
+    """Milliseconds per run in each category, from a profile holding `runs` runs of the session."""
+    prefixes = sorted(nodes, key=len, reverse=True)
+    totals: Counter[str] = Counter()
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        totals[_category_of(event["name"], event["args"].get("op_name", ""), nodes, prefixes)] += event["dur"]
+    out = {c: totals[c] / runs / 1e3 for c in CATEGORIES}
+    out["total"] = sum(out.values())
+    return out
+
+
+def profile_session(path: Path, config: Mapping[str, str], feeds: Mapping[str, Any], runs: int = 3,
+                    warmup: int = 1) -> dict[str, float]:
+    """Profile the graph at `path`: `warmup` runs, then `runs` runs whose node events are broken down.
+
+    ORT's profiler records from session creation, so the warm-up runs (first-run allocation, prepacking)
+    are cut off by time: node events before the start of the first counted `model_run` are dropped.
+    """
+    import tempfile
+
+    import onnxruntime as ort
+
+    nodes = classify_graph(path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    with tempfile.TemporaryDirectory(prefix="quadit-profile-") as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(warmup + runs):
+            session.run(None, dict(feeds))
+        events = json.loads(Path(session.end_profiling()).read_text())
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    if len(starts) != warmup + runs:
+        raise RuntimeError(f"ORT profile of {path.name} holds {len(starts)} runs, expected {warmup + runs}")
+    counted = [e for e in events if e.get("cat") == "Node" and e["ts"] >= starts[warmup]]
+    return breakdown(counted, nodes, runs)
+
+
+def amdahl(fp32: Mapping[str, float], quantized: Mapping[str, float]) -> dict[str, float]:
+    """What the breakdowns say about a quantized graph against FP32.
+
+    gemm_speedup: FP32 weight-GEMM time over the quantized graph's weight GEMMs plus the work quantization
+    adds (activation Q/DQ, bucket scales, low-rank branch) -- the speedup the format delivers in situ.
+    bound_at_this_speedup: the step ratio if everything else ran as fast as in FP32.
+    bound_free_gemms: the step ratio if the weight GEMMs and the added work took no time at all.
+    """
+    added = quantized["weight GEMMs"] + quantized["activation quantization"] + quantized["low-rank branch"]
+    rest = fp32["total"] - fp32["weight GEMMs"]
+    speedup = fp32["weight GEMMs"] / added if added else float("inf")
+    return {"gemm_fraction_fp32": fp32["weight GEMMs"] / fp32["total"], "gemm_speedup": speedup,
+            "bound_at_this_speedup": (rest + added) / fp32["total"], "bound_free_gemms": rest / fp32["total"]}
