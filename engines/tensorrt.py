@@ -1,8 +1,9 @@
 """TensorRT engines for an export directory: build them with Polygraphy, check them, run them.
 
 Why (TensorRT 10.x limits): always strongly typed, since TRT 10.12 deprecated (TRT 11 removed) the INT8/FP16
-builder flags: the graph's own types decide precision (text encoder and VAE run as exported, FP32 today; T5
-overflows in FP16). One optimisation profile per CFG batch size (2: cond+uncond, 1: cfg_scale 1), the latent
+builder flags: the graph's own types decide precision. An export made with `--target tensorrt` carries FP16
+text encoder and VAE graphs (with transformers' FP32 island in T5's feed-forward), so their engines are FP16;
+an `onnxruntime`-target export's are FP32 and build as FP32 engines. One optimisation profile per CFG batch size (2: cond+uncond, 1: cfg_scale 1), the latent
 length the only dynamic dimension: a batch range would tune kernels for one batch only. An engine runs only on
 the TensorRT version and GPU (compute capability) it was built on and is right only for its source ONNX:
 `engines.json` records all three and loading refuses a mismatch. The number conditioners stay on ONNX Runtime:
@@ -214,6 +215,9 @@ def build_engines(export_dir: Path, out_dir: Path, settings: BuildSettings) -> d
     check_parsable(export_dir, items)
     if reason := tensorrt_unavailable():
         raise InputError(reason)
+    if fp32 := [g for g in ENGINE_GRAPHS if manifest["graphs"][g].get("precision") == "fp32"]:
+        log.warning("%s: FP32 graphs (an onnxruntime-target export) build FP32 engines; export with --target "
+                    "tensorrt for FP16 ones", ", ".join(fp32))
     machine = current_machine()
     cache = str(Path(settings.timing_cache).absolute()) if settings.timing_cache else None
     facts = {"tensorrt_version": machine.tensorrt_version,

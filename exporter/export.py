@@ -20,6 +20,10 @@ from exporter.models import LoadedModel
 log = logging.getLogger(__name__)
 
 SCHEMES = ("fp32", "fp16")
+TARGETS = ("onnxruntime", "tensorrt")
+# An FP16 text encoder or VAE graph must stay this close to FP32 (max-relative, see onnx_export.relative_error):
+# a looser match means an overflow or a lost-digits island the precision module does not cover.
+FP16_AUX_TOLERANCE = 2e-2
 # Model-card sampler defaults of Stable Audio Open 1.0; the runtime reads them from the manifest.
 SAMPLER_DEFAULTS = {"sampler_type": "dpmpp-3m-sde", "steps": 100, "cfg_scale": 7.0, "sigma_min": 0.3,
                     "sigma_max": 500.0, "rho": 1.0}
@@ -32,10 +36,16 @@ class ExportOptions:
     parity_batch: int = 2
     fp32_tolerance: float = 1e-4
     seed: int = 0
+    # tensorrt: the text encoder and VAE decoder graphs are FP16 (precision.fp16_t5/fp16_vae), because a
+    # strongly typed engine runs in the graph's own types; onnxruntime keeps them FP32 (ORT's CPU FP16
+    # kernels are slower than its FP32 ones)
+    target: str = "onnxruntime"
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise InputError(f"unknown scheme '{self.scheme}' for this export (choose from: {', '.join(SCHEMES)})")
+        if self.target not in TARGETS:
+            raise InputError(f"unknown target '{self.target}' (choose from: {', '.join(TARGETS)})")
         if len(self.parity_lengths) != 2 or min(self.parity_lengths) < 1:
             raise InputError("parity_lengths must be two positive latent lengths")
 
@@ -64,10 +74,17 @@ def _dims(loaded: LoadedModel, layout: dict[str, Any]) -> dict[str, int]:
             "audio_channels": int(loaded.config.get("audio_channels", 2))}
 
 
-def _specs(loaded: LoadedModel, scheme: str, dims: dict[str, int], layout: dict[str, Any]
+def aux_precision(options: ExportOptions) -> str:
+    """Precision of the text encoder and VAE decoder graphs of an export with these options."""
+    return "fp16" if options.target == "tensorrt" else "fp32"
+
+
+def _specs(loaded: LoadedModel, options: ExportOptions, dims: dict[str, int], layout: dict[str, Any]
            ) -> tuple[list[onnx_export.GraphSpec], dict[str, torch.nn.Module]]:
     """The graphs to export and, per graph, the FP32 module its parity is measured against."""
-    from exporter.precision import fp16_dit
+    from exporter.precision import fp16_dit, fp16_t5, fp16_vae
+
+    scheme, half_aux = options.scheme, aux_precision(options) == "fp16"
 
     g = torch.Generator().manual_seed(1234)
     b, length = 2, 16
@@ -76,12 +93,16 @@ def _specs(loaded: LoadedModel, scheme: str, dims: dict[str, int], layout: dict[
     dit_example = (torch.randn(b, dims["io_channels"], length, generator=g), torch.rand(b, generator=g),
                    torch.randn(b, dims["cond_tokens"], dims["cond_dim"], generator=g),
                    torch.randn(b, dims["global_dim"], generator=g))
-    text = graphs.TextEncoderGraph(loaded.t5_conditioner).eval()
+    text_ref = graphs.TextEncoderGraph(loaded.t5_conditioner).eval()
+    text = graphs.TextEncoderGraph(loaded.t5_conditioner, fp16_t5(loaded.t5_conditioner.model)).eval() \
+        if half_aux else text_ref
     seq = layout["text_max_length"]
     text_example = (torch.randint(3, 300, (b, seq), generator=g), torch.ones(b, seq, dtype=torch.int64))
     numbers = graphs.NumberConditionersGraph(
         {i: loaded.wrapper.conditioner.conditioners[i] for i in layout["number_ids"]}).eval()
-    vae = graphs.VAEDecoderGraph(loaded.wrapper.pretransform).eval()
+    vae_ref = graphs.VAEDecoderGraph(loaded.wrapper.pretransform).eval()
+    vae = graphs.VAEDecoderGraph(fp16_vae(loaded.wrapper.pretransform, loaded.config["model"]["pretransform"],
+                                          loaded.sample_rate)).eval() if half_aux else vae_ref
     specs = [
         onnx_export.GraphSpec("dit", dit, dit_example, graphs.DIT_INPUTS, graphs.DIT_OUTPUTS,
                               {"x": {0: "batch", 2: "length"}, "t": {0: "batch"},
@@ -94,7 +115,7 @@ def _specs(loaded: LoadedModel, scheme: str, dims: dict[str, int], layout: dict[
         onnx_export.GraphSpec("vae_decoder", vae, (torch.randn(1, dims["io_channels"], 4, generator=g),),
                               graphs.VAE_INPUTS, graphs.VAE_OUTPUTS, {"latents": {0: "batch", 2: "length"}}),
     ]
-    return specs, {"dit": dit_ref, "text_encoder": text, "conditioners": numbers, "vae_decoder": vae}
+    return specs, {"dit": dit_ref, "text_encoder": text_ref, "conditioners": numbers, "vae_decoder": vae_ref}
 
 
 def _parity_cases(spec: onnx_export.GraphSpec, lengths: tuple[int, int], batch: int, seed: int
@@ -135,19 +156,23 @@ def export_model(loaded: LoadedModel, out: Path, options: ExportOptions,
     layout, dims = spec["conditioning"], spec["dims"]
     started = time.time()
     with atomic_dir(Path(out)) as tmp:
-        specs, references = _specs(loaded, options.scheme, dims, layout)
+        specs, references = _specs(loaded, options, dims, layout)
         entries: dict[str, Any] = {}
         for spec in tqdm(specs, desc="export", unit="graph"):
             log.info("exporting %s", spec.name)
             t0 = time.time()
             entry = onnx_export.export_graph(spec, tmp / f"{spec.name}.onnx")
-            entry["precision"] = options.scheme if spec.name == "dit" else "fp32"
+            entry["precision"] = {"dit": options.scheme, "conditioners": "fp32"}.get(spec.name, aux_precision(options))
             entry["export_seconds"] = round(time.time() - t0, 1)
             session = onnx_export.ort_session(tmp / entry["file"])
             cases = _parity_cases(spec, options.parity_lengths, options.parity_batch, options.seed)
             entry["parity"] = onnx_export.parity(session, spec.module, cases, spec.input_names,
                                                  reference=references[spec.name])
             del session
+            if entry["precision"] == "fp16" and spec.name != "dit" and not (
+                    entry["parity"]["max_rel_error"] <= FP16_AUX_TOLERANCE):  # also catches NaN from overflow
+                raise RuntimeError(f"FP16 {spec.name} graph parity {entry['parity']['max_rel_error']:.2e} exceeds "
+                                   f"{FP16_AUX_TOLERANCE:.0e} against FP32 PyTorch")
             entry["sha256"] = {f: sha256_file(tmp / f) for f in entry["files"]}
             entries[spec.name] = entry
         dit_parity = entries["dit"]["parity"]

@@ -39,9 +39,9 @@ class TextEncoderGraph(nn.Module):
     """stable-audio-tools' T5Conditioner after tokenisation: T5 encoder, the conditioner's proj_out, and
     its zeroing of padded positions. input_ids, attention_mask [B, S] int64 -> last_hidden_state [B, S, D]."""
 
-    def __init__(self, conditioner: nn.Module) -> None:
+    def __init__(self, conditioner: nn.Module, encoder: nn.Module | None = None) -> None:
         super().__init__()
-        self.encoder = conditioner.model
+        self.encoder = conditioner.model if encoder is None else encoder  # e.g. precision.fp16_t5's copy
         self.proj_out = conditioner.proj_out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,8 @@ class VAEDecoderGraph(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         # Same arithmetic as AutoencoderPretransform.decode with iterate_batch=False (the batch loop
-        # would be unrolled into the graph at a fixed batch size).
-        latents = latents * self.pretransform.scale
-        return self.pretransform.model.decode(latents, iterate_batch=False)
+        # would be unrolled into the graph at a fixed batch size). FP32 in and out whatever the
+        # pretransform's dtype (precision.fp16_vae), so every backend feeds and reads the same tensors.
+        dtype = next(self.pretransform.parameters()).dtype
+        latents = latents.to(dtype) * self.pretransform.scale
+        return self.pretransform.model.decode(latents, iterate_batch=False).float()

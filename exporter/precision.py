@@ -1,4 +1,4 @@
-"""FP16 copies of the DiT with FP32 islands where the numerics need them.
+"""FP16 copies of the DiT, the T5 encoder and the VAE decoder with FP32 islands where the numerics need them.
 
 A strongly typed TensorRT build keeps exactly the types the ONNX graph carries (TRT 10.12 deprecated and
 TRT 11 removed the FP16 builder flag), so the graph itself must say FP32 where FP16 is not good enough:
@@ -46,3 +46,30 @@ def fp16_dit(dit: nn.Module) -> nn.Module:
     half.timestep_features.register_forward_pre_hook(_cast_inputs(torch.float32))
     half.to_timestep_embed.register_forward_hook(_cast_output(torch.float16))
     return half
+
+
+def fp16_t5(encoder: nn.Module) -> nn.Module:
+    """A deep copy of a Hugging Face T5 encoder in FP16 with transformers' own FP32 island: the feed-forward
+    output projection `wo` (T5's `_keep_in_fp32_modules`). Its input is the ReLU/GELU expansion whose
+    products overflow FP16 in trained T5 checkpoints; transformers casts into `wo`'s dtype, so the residual
+    stream after the first block stays FP32 and T5LayerNorm casts back to FP16 for attention and `wi`."""
+    half = copy.deepcopy(encoder).half()
+    for module in half.modules():
+        wo = getattr(module, "wo", None)
+        if isinstance(wo, nn.Linear):
+            wo.float()
+    return half
+
+
+def fp16_vae(pretransform: nn.Module, config: dict, sample_rate: int) -> nn.Module:
+    """An FP16 copy of the autoencoder pretransform. The Oobleck decoder is convolutions and Snake activations
+    over bounded audio-rate signals, with no reduction wide enough to lose digits in FP16.
+
+    Rebuilt from its config and state dict rather than deep-copied: its convolutions use the old-style
+    `weight_norm` hook, whose computed `weight` is a non-leaf tensor that deepcopy refuses."""
+    from stable_audio_tools.models.factory import create_pretransform_from_config
+
+    half = create_pretransform_from_config(copy.deepcopy(config), sample_rate)
+    # AutoencoderPretransform.load_state_dict forwards to its autoencoder, so load at that level
+    half.model.load_state_dict(pretransform.model.state_dict())
+    return half.eval().requires_grad_(False).half()

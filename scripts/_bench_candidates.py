@@ -91,38 +91,87 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time one candidate: median and min of `runs` steps after `warmup`, peak memory, and (ORT with
-    `profile`) the ORT-profiler breakdown of where the step's time goes."""
-    inputs = feeds(spec["dims"], spec["length"])
-    cuda = spec["kind"] == "trt" or spec.get("device") == "cuda"
-    if cuda:
-        import torch
+class Candidate:
+    """One candidate, set up once: `step()` times a DiT call, `profile()` breaks one down (ORT only),
+    `summary()` gives peak memory. Peak RSS is this process's own, hence one process per candidate."""
 
-        torch.cuda.init()
-        free_before = torch.cuda.mem_get_info()[0]
-    step = STEPS[spec["kind"]](spec, inputs)
-    for _ in range(spec["warmup"]):
-        step()
-    times = []
-    for _ in range(spec["runs"]):
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.inputs = feeds(spec["dims"], spec["length"])
+        self.cuda = spec["kind"] == "trt" or spec.get("device") == "cuda"
+        if self.cuda:
+            import torch
+
+            torch.cuda.init()
+            self.free_before = torch.cuda.mem_get_info()[0]
+        self._step = STEPS[spec["kind"]](spec, self.inputs)
+
+    def step(self) -> float:
+        """Milliseconds of one step."""
         t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    result: dict[str, Any] = {"median_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * float(np.min(times)),
-                              "peak_rss_mb": peak_rss_mb()}
-    if cuda:  # torch's allocator sees its own tensors only; TensorRT's engine and context memory is not its
-        result["gpu_mb"] = (torch.cuda.max_memory_allocated() if spec["kind"] == "torch"
-                            else free_before - torch.cuda.mem_get_info()[0]) / 2**20
-    if spec["kind"] == "ort" and spec.get("profile"):
+        self._step()
+        return 1e3 * (time.perf_counter() - t0)
+
+    def profile(self) -> dict[str, float]:
+        """The last command: the timed session is released first, so a full-size graph is not held twice."""
+        import gc
+
         from engines.ort_profile import profile_session
 
-        entry, graph = spec["entry"], spec["entry"]["file"]
+        self._step = None
+        gc.collect()
+
+        entry, graph = self.spec["entry"], self.spec["entry"]["file"]
         if entry.get("buckets"):  # the bucket graph the sampler would run at this t
             from calibration.collector import BucketSpec
 
-            index = BucketSpec(tuple(entry["bucket_edges"])).bucket_of(float(inputs["t"][0]))
+            index = BucketSpec(tuple(entry["bucket_edges"])).bucket_of(float(self.inputs["t"][0]))
             graph = next(b["file"] for b in entry["buckets"] if b["index"] == index)
-        result["breakdown"] = profile_session(Path(spec["dir"]) / graph, entry.get("ort_session_config") or {},
-                                              inputs, runs=spec.get("profile_runs", 3))
+        return profile_session(Path(self.spec["dir"]) / graph, entry.get("ort_session_config") or {}, self.inputs,
+                               runs=self.spec.get("profile_runs", 3))
+
+    def summary(self) -> dict[str, float]:
+        out = {"peak_rss_mb": peak_rss_mb()}
+        if self.cuda:  # torch's allocator sees its own tensors only; TensorRT's engine and context memory is not its
+            import torch
+
+            out["gpu_mb"] = (torch.cuda.max_memory_allocated() if self.spec["kind"] == "torch"
+                             else self.free_before - torch.cuda.mem_get_info()[0]) / 2**20
+        return out
+
+
+def timing(times_ms: list[float]) -> dict[str, float]:
+    return {"median_ms": float(np.median(times_ms)), "min_ms": float(np.min(times_ms)), "runs": len(times_ms)}
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time one candidate on its own: median and min of `runs` steps after `warmup`, peak memory, and (ORT
+    with `profile`) the ORT-profiler breakdown of where the step's time goes."""
+    candidate = Candidate(spec)
+    for _ in range(spec["warmup"]):
+        candidate.step()
+    result: dict[str, Any] = timing([candidate.step() for _ in range(spec["runs"])])
+    result.update(candidate.summary())  # before profile(), which releases the timed session
+    if spec["kind"] == "ort" and spec.get("profile"):
+        result["breakdown"] = candidate.profile()
     return result
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """A candidate driven over stdin/stdout, one JSON line per command ('step', 'profile', 'summary'), so the
+    parent can interleave candidates step by step: drift in the machine's speed (shared hosts) then hits
+    every candidate of a round alike. The protocol has fd 1 to itself; library prints go to stderr."""
+    import json
+    import sys
+
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    candidate = Candidate(spec)
+    proto.write(json.dumps({"ready": True}) + "\n")
+    commands = {"step": lambda: {"ms": candidate.step()}, "profile": lambda: {"breakdown": candidate.profile()},
+                "summary": candidate.summary}
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "quit":
+            break
+        proto.write(json.dumps(commands[command]()) + "\n")

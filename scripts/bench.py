@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts._bench_candidates import torch_candidates, worker  # noqa: E402
+from scripts._bench_candidates import serve, timing, torch_candidates, worker  # noqa: E402
 from scripts._common import add_model_args, model_spec, run, setup_logging  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -43,21 +43,83 @@ BASELINES = {"cpu": "ort fp32", "cuda": "torch eager fp16 (cuda)"}
 
 
 def _measure(spec: dict) -> dict:
+    """One candidate alone in a subprocess (--serial)."""
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _generate_seconds(export: Path, steps: int, seconds: float) -> float:
+class _Server:
+    """A candidate in its own subprocess (`_bench_candidates.serve`), answering one command at a time."""
+
+    def __init__(self, spec: dict) -> None:
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.err, text=True)
+        self.ask(None)
+
+    def ask(self, command: str | None) -> dict:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.err.seek(0)
+            raise RuntimeError(f"benchmark worker died: {self.err.read()[-2000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=120)
+        self.err.close()
+
+
+def _measure_interleaved(specs: list[dict], warmup: int, runs: int, gap_s: float = 0.05) -> list[dict]:
+    """All candidates loaded at once, stepped round-robin (each round in a rotated order), so a change in
+    the machine's speed during the run lands on every candidate alike. `gap_s` between steps lets the
+    previous candidate's ORT threads stop spinning before the next one starts."""
+    servers: list[_Server] = []
+    try:
+        for spec in specs:
+            servers.append(_Server(spec))
+        times: list[list[float]] = [[] for _ in specs]
+        for r in range(warmup + runs):
+            for i in [(r + k) % len(servers) for k in range(len(servers))]:
+                time.sleep(gap_s)
+                ms = servers[i].ask("step")["ms"]
+                if r >= warmup:
+                    times[i].append(ms)
+        results = []
+        for spec, server, t in zip(specs, servers, times):
+            result = {**timing(t), **server.ask("summary")}
+            if spec["kind"] == "ort" and spec.get("profile"):
+                result.update(server.ask("profile"))
+            results.append(result)
+        return results
+    finally:
+        for server in servers:
+            server.close()
+
+
+def _generate_seconds(exports: dict[str, Path], steps: int, seconds: float, rounds: int = 3) -> dict[str, float]:
+    """Median wall time of `generate` per export, the exports alternating round by round after a warm-up."""
+    import numpy as np
+
     from engines.runtime import GenerateOptions, open_pipeline
 
-    pipeline = open_pipeline(export)
     opts = GenerateOptions(prompt="rain on a tin roof", seconds=seconds, steps=steps)
-    pipeline.generate(opts)  # warm-up
-    t0 = time.perf_counter()
-    pipeline.generate(opts)
-    return time.perf_counter() - t0
+    pipelines = {name: open_pipeline(path) for name, path in exports.items()}
+    times: dict[str, list[float]] = {name: [] for name in pipelines}
+    for r in range(rounds + 1):
+        for name, pipeline in pipelines.items():
+            t0 = time.perf_counter()
+            pipeline.generate(opts)
+            if r:  # round 0 is the warm-up
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _ratio(value: float | None) -> str:
@@ -93,9 +155,12 @@ def _markdown(doc: dict, title: str) -> list[str]:
               f"{r['peak_rss_mb']:.0f} | {r['gpu_mb']:.0f} | {_ratio(r['size_ratio'])} |".replace("| nan |", "| - |")
               for r in rows]
     lines += ["", f"Baselines: CPU rows vs {BASELINES['cpu']}, CUDA rows vs {BASELINES['cuda']}; "
-              f"median of {runs} runs after {doc['warmup']} warm-up."]
+              f"median of {runs} runs after {doc['warmup']} warm-up, "
+              + ("candidates one after another." if doc["schedule"] == "serial"
+                 else "candidates stepped round-robin (one step each per round, rotating order).")]
     if doc["generate_seconds"]:
-        lines += ["", f"`generate` ({doc['e2e_steps']} steps, {doc['e2e_audio_seconds']} s audio): " +
+        lines += ["", f"`generate` ({doc['e2e_steps']} steps, {doc['e2e_audio_seconds']} s audio, median of 3 "
+                  "alternating runs): " +
                   ", ".join(f"{k} {v:.1f} s" for k, v in doc["generate_seconds"].items())]
     profiled = [r for r in rows if r.get("breakdown")]
     if profiled:
@@ -149,6 +214,10 @@ def main() -> int:
         setup_logging()
         print(json.dumps(worker(json.loads(sys.argv[2]))))
         return 0
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        setup_logging()
+        serve(json.loads(sys.argv[2]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__)
     add_model_args(parser)
     parser.add_argument("--calibration", required=True, help="calibration artifact of this model")
@@ -160,6 +229,9 @@ def main() -> int:
     parser.add_argument("--lowrank", type=int, default=0, help="low-rank branch rank of every quantized candidate")
     parser.add_argument("--also-lowrank", type=int, default=0, help="also time every candidate with this rank")
     parser.add_argument("--breakdown", action="store_true", help="profile each ORT step: where the time goes")
+    parser.add_argument("--serial", action="store_true",
+                        help="time candidates one after another (default: all loaded, stepped round-robin; "
+                             "needs the memory of all of them at once)")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--e2e-steps", type=int, default=0, help="also time generate with this many steps (0: no)")
@@ -226,8 +298,9 @@ def main() -> int:
             specs += [(n, {**base, "kind": "ort", "dir": str(d), "entry": m["graphs"]["dit"], "profile": args.breakdown},
                        m["graphs"]["dit"].get("size_ratio", 1.0)) for n, (d, m) in exports.items()]
             specs += [(n, {**base, "kind": "trt", "engine": str(e)}, None) for n, e in engines.items()]
-            for name, spec, size in specs:
-                result = _measure(spec)
+            results = ([_measure(spec) for _, spec, _ in specs] if args.serial
+                       else _measure_interleaved([spec for _, spec, _ in specs], args.warmup, args.runs))
+            for (name, spec, size), result in zip(specs, results):
                 device = "cuda" if spec["kind"] == "trt" or spec.get("device") == "cuda" else "cpu"
                 rows.append({"name": name, "length": length, "device": device, **result, "size_ratio": size,
                              "gpu_mb": result.get("gpu_mb", float("nan"))})
@@ -243,14 +316,16 @@ def main() -> int:
         if args.e2e_steps:
             fastest = min((r for r in rows if r["name"] in exports and r["name"] != "ort fp32"
                            and r["length"] == max(lengths)), key=lambda r: r["median_ms"])["name"]
-            for name in ("ort fp32", fastest):
-                e2e[name] = _generate_seconds(exports[name][0], args.e2e_steps, args.e2e_seconds)
-                log.info("generate %s: %.1f s (%d steps, %.1f s audio)", name, e2e[name], args.e2e_steps, args.e2e_seconds)
+            e2e = _generate_seconds({n: exports[n][0] for n in ("ort fp32", fastest)}, args.e2e_steps, args.e2e_seconds)
+            for name, sec in e2e.items():
+                log.info("generate %s: %.1f s (%d steps, %.1f s audio, median of 3)", name, sec, args.e2e_steps,
+                         args.e2e_seconds)
         machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                    "python": platform.python_version(),
                    "gpu": torch.cuda.get_device_name(0) if cuda else None, "tensorrt": trt_reason or "available"}
         doc = {"model": fp32_manifest["model"], "machine": machine, "runs": args.runs, "warmup": args.warmup,
-               "rows": rows, "generate_seconds": e2e, "e2e_steps": args.e2e_steps, "e2e_audio_seconds": args.e2e_seconds}
+               "schedule": "serial" if args.serial else "interleaved", "rows": rows, "generate_seconds": e2e,
+               "e2e_steps": args.e2e_steps, "e2e_audio_seconds": args.e2e_seconds}
         title = (f"DiT per step, CFG batch 2, {fp32_manifest['model']['model']} ({fp32_manifest['model']['weights']}), "
                  f"{machine['cores']} CPU cores" + (f", {machine['gpu']}" if cuda else ", no GPU"))
         lines = _markdown(doc, title)

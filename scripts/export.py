@@ -35,7 +35,8 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("--dynamic-kernel", default="dql", help="dynamic mode in ORT: dql "
                         "(DynamicQuantizeLinear+MatMulInteger) or nbits (MatMulNBits, int8 compute)")
     parser.add_argument("--recipe", help="a recipe JSON file (overrides the flags above)")
-    parser.add_argument("--target", default="onnxruntime", help="onnxruntime or tensorrt")
+    parser.add_argument("--target", default="onnxruntime",
+                        help="onnxruntime (default) or tensorrt (also makes the text encoder and VAE graphs FP16)")
     parser.add_argument("--calibration", help="calibration artifact directory (default: calibrate now)")
     parser.add_argument("--calib-prompts", type=int, default=16, help="prompts when calibrating here")
     parser.add_argument("--calib-steps", type=int, default=20, help="sampler steps when calibrating here")
@@ -83,14 +84,12 @@ def main() -> int:
 
     if args.scheme not in SCHEMES + QUANTIZED:
         raise InputError(f"unknown scheme '{args.scheme}' (choose from: {', '.join(SCHEMES + QUANTIZED)})")
-    stages, options = [], ExportOptions(scheme=args.scheme if args.scheme in SCHEMES else "fp32")
+    stages, options = [], ExportOptions(scheme=args.scheme if args.scheme in SCHEMES else "fp32", target=args.target)
     quant = None
     if args.scheme in QUANTIZED or args.recipe:
         from exporter.quantized_export import QuantizeOptions
 
         quant = QuantizeOptions(_recipe(args), args.target, args.dynamic_kernel)  # refuses bad targets up front
-    elif args.target not in ("onnxruntime", "tensorrt"):
-        raise InputError(f"unknown target '{args.target}' (choose from: onnxruntime, tensorrt)")
     if args.calibration and not Path(args.calibration).is_dir():
         raise InputError(f"--calibration {args.calibration} is not a directory")
     loaded = load_model(model_spec(args))

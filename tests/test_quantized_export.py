@@ -3,10 +3,13 @@ and the refusals (unsupported scheme for a target, a calibration artifact of ano
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
+import onnx
 import pytest
 import soundfile as sf
+from onnx import TensorProto
 
 from conftest import one_line_error, run_script
 
@@ -36,6 +39,25 @@ def test_w8a8_tensorrt_export_records_recipe_calibration_and_layers(w8a8_export,
     dit = manifest["graphs"]["dit"]
     assert 0.24 < dit["size_ratio"] < 0.30  # INT8 weights plus the float layers kept out (sao-mini is small)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["dit_size_ratio"] == pytest.approx(dit["size_ratio"])
+
+
+def test_tensorrt_target_exports_fp16_text_encoder_and_vae(w8a8_export):
+    """Strongly typed engines run in the graph's types, so a TensorRT-target export carries FP16 text encoder
+    and VAE graphs: FP32 in and out, FP16 weights, T5's feed-forward output projections FP32."""
+    out, manifest, _ = w8a8_export
+    assert manifest["options"]["target"] == "tensorrt" and manifest["graphs"]["dit"]["precision"] == "w8a8"
+    for name in ("text_encoder", "vae_decoder"):
+        entry = manifest["graphs"][name]
+        assert entry["precision"] == "fp16" and entry["parity"]["max_rel_error"] < 2e-2, entry["parity"]
+        graph = onnx.load(str(out / entry["file"]), load_external_data=False).graph
+        float_io = [v for v in (*graph.input, *graph.output) if v.type.tensor_type.elem_type != TensorProto.INT64]
+        assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in float_io)
+        big = Counter(i.data_type for i in graph.initializer if np.prod(i.dims) >= 1024)
+        assert big[TensorProto.FLOAT16] > 0
+        if name == "text_encoder":  # one FP32 `wo` per T5 block, everything else of size FP16
+            assert 0 < big[TensorProto.FLOAT] < big[TensorProto.FLOAT16], big
+        else:
+            assert big[TensorProto.FLOAT] == 0, big
 
 
 def test_report_shows_timestep_smoothquant_beating_minmax_and_modelopt(w8a8_export):
