@@ -143,3 +143,46 @@ def amdahl(fp32: Mapping[str, float], quantized: Mapping[str, float]) -> dict[st
     speedup = fp32["weight GEMMs"] / added if added else float("inf")
     return {"gemm_fraction_fp32": fp32["weight GEMMs"] / fp32["total"], "gemm_speedup": speedup,
             "bound_at_this_speedup": (rest + added) / fp32["total"], "bound_free_gemms": rest / fp32["total"]}
+
+
+def gemm_ceiling(m: int, k: int, n: int, runs: int = 10, threads: int = 0) -> dict[str, float]:
+    """What ORT's INT8 GEMM can give at most on this CPU: one [m, k] x [k, n] MatMul in FP32 against the same
+    MatMul as static INT8 Q/DQ (fused by ORT into MatMulIntegerToFloat, the kernel of a w8a8 static graph),
+    median of `runs` after a warm-up. Without VNNI (AVX2 only) MLAS's u8/s8 kernels do about twice the
+    multiply-adds per instruction of FP32 FMA, which bounds every w8a8 step ratio from below."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    scale = np.abs(weight).max(axis=0) / 127
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])
+    fp32 = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "fp32", [x_info], [y_info],
+                             [numpy_helper.from_array(weight, "w")])
+    int8 = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+         helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+         helper.make_node("DequantizeLinear", ["wq", "ws"], ["wd"], axis=1),
+         helper.make_node("MatMul", ["xd", "wd"], ["y"])], "int8", [x_info], [y_info],
+        [numpy_helper.from_array(np.array(0.05, np.float32), "xs"), numpy_helper.from_array(np.array(0, np.int8), "xz"),
+         numpy_helper.from_array(np.round(weight / scale).astype(np.int8), "wq"),
+         numpy_helper.from_array(scale.astype(np.float32), "ws")])
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    medians = {}
+    for name, graph in (("fp32_ms", fp32), ("int8_ms", int8)):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": x})
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            session.run(None, {"x": x})
+            times.append(1e3 * (time.perf_counter() - t0))
+        medians[name] = float(np.median(times))
+    return {"m": m, "k": k, "n": n, **medians, "speedup": medians["fp32_ms"] / medians["int8_ms"]}

@@ -127,21 +127,28 @@ def _ratio(value: float | None) -> str:
 
 
 def _chart(rows: list[dict], path: Path) -> None:
+    """Per latent length: each candidate's step time relative to its device's baseline (the 1.0 line),
+    annotated with the median ms; CPU and CUDA rows differ by orders of magnitude, ratios do not."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = sorted({r["length"] for r in rows})
-    names = list(dict.fromkeys(r["name"] for r in rows))
+    names = list(dict.fromkeys(r["name"] for r in rows))[::-1]
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 0.4 * len(names) + 1.5), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         sub = {r["name"]: r for r in rows if r["length"] == length}
-        colors = ["#c2552b" if sub.get(n, {}).get("device") == "cuda" else "#3b6fb6" for n in names[::-1]]
-        ax.barh(names[::-1], [sub[n]["median_ms"] if n in sub else 0 for n in names[::-1]], color=colors)
-        ax.set_xscale("log")
+        ratios = [sub[n]["vs_baseline"] if n in sub else 0.0 for n in names]
+        colors = ["#c2552b" if sub.get(n, {}).get("device") == "cuda" else "#3b6fb6" for n in names]
+        ax.barh(names, ratios, color=colors)
+        for y, n in enumerate(names):
+            if n in sub:
+                ax.text(ratios[y], y, f" {sub[n]['median_ms']:.0f} ms", va="center", fontsize=8)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xlim(0, max(ratios) * 1.3)
         ax.set_title(f"DiT step, CFG batch 2, latent length {length}")
-        ax.set_xlabel("median ms (log; blue CPU, orange CUDA)")
+        ax.set_xlabel("time vs baseline (blue CPU: ORT FP32, orange CUDA: PyTorch FP16)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -179,6 +186,11 @@ def _markdown(doc: dict, title: str) -> list[str]:
         lines += [f"| {r['name']} | {r['length']} | {r['amdahl']['gemm_fraction_fp32']:.0%} | "
                   f"{r['amdahl']['gemm_speedup']:.2f}x | {r['amdahl']['bound_at_this_speedup']:.2f}x | "
                   f"{r['amdahl']['bound_free_gemms']:.2f}x |" for r in bounded]
+    if doc.get("gemm_ceiling"):
+        lines += ["", "ORT's INT8 GEMM against FP32 on this CPU (one MatMul, static INT8 Q/DQ -> MatMulIntegerToFloat, "
+                  "median of 10):", "", "| M x K x N | FP32 ms | INT8 ms | speedup |", "|---|---|---|---|"]
+        lines += [f"| {c['m']} x {c['k']} x {c['n']} | {c['fp32_ms']:.2f} | {c['int8_ms']:.2f} | {c['speedup']:.2f}x |"
+                  for c in doc["gemm_ceiling"]]
     return lines
 
 
@@ -202,7 +214,8 @@ def _trt_exports(loaded, calibration, scratch: Path, lengths: list[int], dims: d
             recipe = Recipe(scheme=scheme, method="timestep-smoothquant", activations="static", bucket_policy=policy)
             stages = [quantize_stage(loaded, calibration, QuantizeOptions(recipe, "tensorrt"), scratch)]
         export = scratch / f"trt{i}"
-        export_model(loaded, export, ExportOptions(scheme="fp16" if scheme == "fp16" else "fp32"), stages)
+        export_model(loaded, export, ExportOptions(scheme="fp16" if scheme == "fp16" else "fp32", target="tensorrt"),
+                     stages)
         doc = build_engines(export, scratch / f"trt{i}-engines", settings)
         engines[name] = scratch / f"trt{i}-engines" / doc["engines"]["dit"]["engine"]
         log.info("built %s (%.0f s)", name, sum(e["build_seconds"] for e in doc["engines"].values()))
@@ -306,6 +319,15 @@ def main() -> int:
                              "gpu_mb": result.get("gpu_mb", float("nan"))})
                 log.info("L=%-5d %-28s %9.1f ms  peak RSS %7.0f MB", length, name, result["median_ms"],
                          result["peak_rss_mb"])
+        ceilings = []
+        if args.breakdown:  # ORT's INT8 GEMM against FP32 at the model's widths, M = CFG batch x length
+            from engines.ort_profile import gemm_ceiling
+
+            d = dims["embed_dim"]
+            ceilings = [gemm_ceiling(2 * length, k, n) for length in lengths for k, n in ((d, d), (d, 4 * d), (4 * d, d))]
+            for c in ceilings:
+                log.info("GEMM %dx%dx%d: FP32 %.1f ms, INT8 Q/DQ %.1f ms (%.2fx)", c["m"], c["k"], c["n"], c["fp32_ms"],
+                         c["int8_ms"], c["speedup"])
         for r in rows:
             base_row = next((b for b in rows if b["name"] == BASELINES[r["device"]] and b["length"] == r["length"]), None)
             r["vs_baseline"] = r["median_ms"] / base_row["median_ms"] if base_row else float("nan")
@@ -324,7 +346,8 @@ def main() -> int:
                    "python": platform.python_version(),
                    "gpu": torch.cuda.get_device_name(0) if cuda else None, "tensorrt": trt_reason or "available"}
         doc = {"model": fp32_manifest["model"], "machine": machine, "runs": args.runs, "warmup": args.warmup,
-               "schedule": "serial" if args.serial else "interleaved", "rows": rows, "generate_seconds": e2e,
+               "schedule": "serial" if args.serial else "interleaved", "rows": rows, "gemm_ceiling": ceilings,
+               "generate_seconds": e2e,
                "e2e_steps": args.e2e_steps, "e2e_audio_seconds": args.e2e_seconds}
         title = (f"DiT per step, CFG batch 2, {fp32_manifest['model']['model']} ({fp32_manifest['model']['weights']}), "
                  f"{machine['cores']} CPU cores" + (f", {machine['gpu']}" if cuda else ", no GPU"))

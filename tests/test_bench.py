@@ -121,3 +121,12 @@ def test_trt_worker_times_a_built_engine(mini_export, tmp_path):
     result = worker(_spec(mini_export, kind="trt", engine=str(engine)))
     assert result["median_ms"] > 0 and result["gpu_mb"] > 0
     assert np.isfinite(result["median_ms"])
+
+
+def test_gemm_ceiling_runs_both_kernels_on_one_shape():
+    from engines.ort_profile import gemm_ceiling
+
+    out = gemm_ceiling(64, 128, 256, runs=2)
+    assert (out["m"], out["k"], out["n"]) == (64, 128, 256)
+    assert out["fp32_ms"] > 0 and out["int8_ms"] > 0
+    assert out["speedup"] == pytest.approx(out["fp32_ms"] / out["int8_ms"])
