@@ -109,17 +109,11 @@ def profile_session(path: Path, config: Mapping[str, str], feeds: Mapping[str, A
     """
     import tempfile
 
-    import onnxruntime as ort
+    from exporter.onnx_export import ort_session
 
     nodes = classify_graph(path)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    for key, value in config.items():
-        options.add_session_config_entry(key, value)
     with tempfile.TemporaryDirectory(prefix="quadit-profile-") as tmp:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path, dict(config), profile_prefix=str(Path(tmp) / "ort"))
         for _ in range(warmup + runs):
             session.run(None, dict(feeds))
         events = json.loads(Path(session.end_profiling()).read_text())

@@ -85,15 +85,19 @@ def export_graph(spec: GraphSpec, path: Path) -> dict[str, Any]:
             "opset": OPSET, "ir_version": min(model.ir_version, IR_VERSION)}
 
 
-def ort_session(path: Path, config: dict[str, str] | None = None):
+def ort_session(path: Path, config: dict[str, str] | None = None, profile_prefix: str | None = None):
     """A CPU session; `config` holds session config entries a graph needs (its manifest entry's
-    `ort_session_config`, e.g. the MatMulNBits accuracy level of a w4a16 graph)."""
+    `ort_session_config`, e.g. the MatMulNBits accuracy level of a w4a16 graph). `profile_prefix`
+    turns on ORT's profiler, writing `<prefix>_<date>.json` at `end_profiling()`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

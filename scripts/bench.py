@@ -194,6 +194,14 @@ def _markdown(doc: dict, title: str) -> list[str]:
     return lines
 
 
+def trt_lengths(lengths: list[int], loaded) -> list[int]:
+    """The benchmarked lengths an engine can be built for: engine profiles end at the model's window."""
+    window = int(loaded.config["sample_size"]) // int(loaded.wrapper.pretransform.downsampling_ratio)
+    if skipped := [n for n in lengths if n > window]:
+        log.warning("no TensorRT rows at latent lengths %s: beyond this model's window of %d latents", skipped, window)
+    return [n for n in lengths if n <= window]
+
+
 def _trt_exports(loaded, calibration, scratch: Path, lengths: list[int], dims: dict) -> dict[str, Path]:
     """Export and build the TensorRT candidates; name -> DiT engine file. Profiles: CFG batch 2 over the
     benchmarked lengths (seconds chosen half a latent below each length, so ceil() lands on it)."""
@@ -300,7 +308,8 @@ def main() -> int:
             stage(target, manifest)
             write_manifest(target, manifest)
             exports[name] = (target, manifest)
-        engines = _trt_exports(loaded, calibration, scratch, lengths, dims) if cuda and not trt_reason else {}
+        engine_lengths = trt_lengths(lengths, loaded) if cuda and not trt_reason else []
+        engines = _trt_exports(loaded, calibration, scratch, engine_lengths, dims) if engine_lengths else {}
         del loaded
         torch_rows = {} if args.no_torch else torch_candidates(cuda)
         if args.no_torch and cuda:
@@ -310,7 +319,8 @@ def main() -> int:
             specs = [(n, {**base, "kind": "torch", "manifest": fp32_manifest, **t}, None) for n, t in torch_rows.items()]
             specs += [(n, {**base, "kind": "ort", "dir": str(d), "entry": m["graphs"]["dit"], "profile": args.breakdown},
                        m["graphs"]["dit"].get("size_ratio", 1.0)) for n, (d, m) in exports.items()]
-            specs += [(n, {**base, "kind": "trt", "engine": str(e)}, None) for n, e in engines.items()]
+            specs += [(n, {**base, "kind": "trt", "engine": str(e)}, None) for n, e in engines.items()
+                      if length in engine_lengths]
             results = ([_measure(spec) for _, spec, _ in specs] if args.serial
                        else _measure_interleaved([spec for _, spec, _ in specs], args.warmup, args.runs))
             for (name, spec, size), result in zip(specs, results):

@@ -130,3 +130,10 @@ def test_gemm_ceiling_runs_both_kernels_on_one_shape():
     assert (out["m"], out["k"], out["n"]) == (64, 128, 256)
     assert out["fp32_ms"] > 0 and out["int8_ms"] > 0
     assert out["speedup"] == pytest.approx(out["fp32_ms"] / out["int8_ms"])
+
+
+def test_tensorrt_rows_only_within_the_models_window(mini):
+    from scripts.bench import trt_lengths
+
+    window = int(mini.config["sample_size"]) // int(mini.wrapper.pretransform.downsampling_ratio)
+    assert trt_lengths([64, window, window + 1, 1024], mini) == [64, window]
