@@ -16,11 +16,11 @@ from calibration.artifact import sha256_file
 from exporter.artifacts import atomic_dir, write_manifest
 from exporter.errors import InputError
 from exporter.models import LoadedModel
+from exporter.recipe import TARGETS
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("fp32", "fp16")
-TARGETS = ("onnxruntime", "tensorrt")
 # An FP16 text encoder or VAE graph must stay this close to FP32 (max-relative, see onnx_export.relative_error):
 # a looser match means an overflow or a lost-digits island the precision module does not cover.
 FP16_AUX_TOLERANCE = 2e-2

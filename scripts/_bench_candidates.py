@@ -27,6 +27,11 @@ def feeds(dims: dict[str, int], length: int, batch: int = 2) -> dict[str, np.nda
             "global_embed": rng.standard_normal((batch, dims["global_dim"])).astype(np.float32)}
 
 
+def device_of(spec: dict[str, Any]) -> str:
+    """'cuda' for TensorRT and CUDA PyTorch candidates, 'cpu' otherwise."""
+    return "cuda" if spec["kind"] == "trt" or spec.get("device") == "cuda" else "cpu"
+
+
 def torch_candidates(cuda: bool) -> dict[str, dict[str, Any]]:
     """PyTorch rows: eager FP32 on the CPU always; FP16 eager and torch.compile on a CUDA GPU."""
     rows = {"torch eager fp32": {"device": "cpu", "dtype": "float32", "compile": False}}
@@ -98,7 +103,7 @@ class Candidate:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.inputs = feeds(spec["dims"], spec["length"])
-        self.cuda = spec["kind"] == "trt" or spec.get("device") == "cuda"
+        self.cuda = device_of(spec) == "cuda"
         if self.cuda:
             import torch
 

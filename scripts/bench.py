@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts._bench_candidates import serve, timing, torch_candidates, worker  # noqa: E402
+from scripts._bench_candidates import device_of, serve, timing, torch_candidates, worker  # noqa: E402
 from scripts._common import add_model_args, model_spec, run, setup_logging  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -311,9 +311,7 @@ def main() -> int:
         engine_lengths = trt_lengths(lengths, loaded) if cuda and not trt_reason else []
         engines = _trt_exports(loaded, calibration, scratch, engine_lengths, dims) if engine_lengths else {}
         del loaded
-        torch_rows = {} if args.no_torch else torch_candidates(cuda)
-        if args.no_torch and cuda:
-            torch_rows = {k: v for k, v in torch_candidates(True).items() if v["device"] == "cuda"}
+        torch_rows = {k: v for k, v in torch_candidates(cuda).items() if not (args.no_torch and v["device"] == "cpu")}
         for length in lengths:
             base = {"length": length, "dims": dims, "warmup": args.warmup, "runs": args.runs}
             specs = [(n, {**base, "kind": "torch", "manifest": fp32_manifest, **t}, None) for n, t in torch_rows.items()]
@@ -324,8 +322,7 @@ def main() -> int:
             results = ([_measure(spec) for _, spec, _ in specs] if args.serial
                        else _measure_interleaved([spec for _, spec, _ in specs], args.warmup, args.runs))
             for (name, spec, size), result in zip(specs, results):
-                device = "cuda" if spec["kind"] == "trt" or spec.get("device") == "cuda" else "cpu"
-                rows.append({"name": name, "length": length, "device": device, **result, "size_ratio": size,
+                rows.append({"name": name, "length": length, "device": device_of(spec), **result, "size_ratio": size,
                              "gpu_mb": result.get("gpu_mb", float("nan"))})
                 log.info("L=%-5d %-28s %9.1f ms  peak RSS %7.0f MB", length, name, result["median_ms"],
                          result["peak_rss_mb"])

@@ -137,3 +137,10 @@ def test_tensorrt_rows_only_within_the_models_window(mini):
 
     window = int(mini.config["sample_size"]) // int(mini.wrapper.pretransform.downsampling_ratio)
     assert trt_lengths([64, window, window + 1, 1024], mini) == [64, window]
+
+
+def test_device_of_spec():
+    from scripts._bench_candidates import device_of
+
+    assert device_of({"kind": "trt"}) == "cuda" and device_of({"kind": "ort"}) == "cpu"
+    assert device_of({"kind": "torch", "device": "cuda"}) == "cuda" and device_of({"kind": "torch", "device": "cpu"}) == "cpu"
