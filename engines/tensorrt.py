@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +48,9 @@ class BuildSettings:
 
     `opt_seconds` None means `max_seconds`; `max_seconds` None means the model's window (`sample_size`).
     TensorRT tunes kernels for the opt shape and refuses shapes outside [min, max] at run time.
+    `tf32`: the layers a strongly typed graph keeps in FP32 (the timestep MLP, LayerNorm islands) may use
+    TF32 tensor cores. TensorRT's own default is on, but Polygraphy's `CreateConfig` defaults `tf32=False`
+    and clears the flag (polygraphy/backend/trt/config.py), so it is passed explicitly (`--tf32` on the CLI).
     """
 
     min_seconds: float = 1.0
@@ -55,6 +59,7 @@ class BuildSettings:
     batch_sizes: tuple[int, ...] = (2, 1)
     opt_level: int = 3
     timing_cache: str | None = None
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         given = [s for s in (self.min_seconds, self.opt_seconds, self.max_seconds) if s is not None]
@@ -169,6 +174,8 @@ def polygraphy_convert_command(export_dir: Path, graph_file: str, engine_path: P
         for flag, k in (("--trt-min-shapes", 0), ("--trt-opt-shapes", 1), ("--trt-max-shapes", 2)):
             args += [flag] + [f"{name}:[{','.join(map(str, shapes[k]))}]" for name, shapes in profile.items()]
     args += ["--strongly-typed", "--builder-optimization-level", str(settings.opt_level)]
+    if settings.tf32:
+        args += ["--tf32"]
     if settings.timing_cache:
         args += ["--load-timing-cache", settings.timing_cache, "--save-timing-cache", settings.timing_cache]
     args += ["-o", str(engine_path)]
@@ -183,6 +190,25 @@ class MachineFacts:
     compute_capability: str
 
 
+def check_timing_cache(path: str | None) -> None:
+    """Refuse, before any engine is built, a timing cache TensorRT could not write after the first build: the
+    path is a directory, or its directory neither exists nor can be created (nearest existing ancestor is
+    not a writable directory). The directory itself is created by `build_engines`."""
+    if not path:
+        return
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise InputError(f"--timing-cache {path} is a directory; give a file path")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"--timing-cache {path}: cannot create or write {target.parent} ({ancestor} is not a "
+                         "writable directory)")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise InputError(f"--timing-cache {path} is not writable")
+
+
 def tensorrt_unavailable() -> str | None:
     """Why engines cannot be built or run here, or None."""
     try:
@@ -195,10 +221,13 @@ def tensorrt_unavailable() -> str | None:
 
 
 def current_machine() -> MachineFacts:
+    """Facts of the current CUDA device (`torch.cuda.current_device()`, the one every engine here is built and
+    run on: set it with CUDA_VISIBLE_DEVICES or torch.cuda.set_device)."""
     import tensorrt as trt
 
-    major, minor = torch.cuda.get_device_capability(0)
-    return MachineFacts(trt.__version__, torch.cuda.get_device_name(0), f"{major}.{minor}")
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return MachineFacts(trt.__version__, torch.cuda.get_device_name(index), f"{major}.{minor}")
 
 
 def build_engines(export_dir: Path, out_dir: Path, settings: BuildSettings) -> dict[str, Any]:
@@ -213,6 +242,7 @@ def build_engines(export_dir: Path, out_dir: Path, settings: BuildSettings) -> d
     manifest = read_manifest(export_dir)
     items = build_plan(export_dir, manifest)
     check_parsable(export_dir, items)
+    check_timing_cache(settings.timing_cache)
     if reason := tensorrt_unavailable():
         raise InputError(reason)
     if fp32 := [g for g in ENGINE_GRAPHS if manifest["graphs"][g].get("precision") == "fp32"]:
@@ -220,6 +250,8 @@ def build_engines(export_dir: Path, out_dir: Path, settings: BuildSettings) -> d
                     "tensorrt for FP16 ones", ", ".join(fp32))
     machine = current_machine()
     cache = str(Path(settings.timing_cache).absolute()) if settings.timing_cache else None
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
     facts = {"tensorrt_version": machine.tensorrt_version,
              "gpu": {"name": machine.gpu_name, "compute_capability": machine.compute_capability}}
     engines: dict[str, Any] = {}
@@ -231,7 +263,7 @@ def build_engines(export_dir: Path, out_dir: Path, settings: BuildSettings) -> d
                 for name, (lo, opt, hi) in spec.items():
                     profile.add(name, min=lo, opt=opt, max=hi)
             config = CreateConfig(profiles=trt_profiles, builder_optimization_level=settings.opt_level,
-                                  load_timing_cache=cache)
+                                  load_timing_cache=cache, tf32=settings.tf32)
             network = NetworkFromOnnxPath(str(export_dir / item.onnx), strongly_typed=True)
             log.info("building %s from %s (%d profile(s), level %d)", item.engine, item.onnx, len(profiles),
                      settings.opt_level)
@@ -283,9 +315,16 @@ def check_engine_metadata(engines_json: Path, export_dir: Path, machine: Machine
             raise InputError(f"engine {engine} was built with TensorRT {entry['tensorrt_version']}, this machine "
                              f"has {machine.tensorrt_version}: {rebuild}")
         gpu = entry["gpu"]
-        if gpu["compute_capability"] != machine.compute_capability or gpu["name"] != machine.gpu_name:
+        # An engine runs on GPUs of the compute capability it was built for (TensorRT developer guide,
+        # "Hardware Compatibility": without a hardware-compatibility level an engine is tied to its SM); another
+        # board of the same SM (H100 PCIe vs SXM) runs it, with kernels tuned for the other one.
+        if gpu["compute_capability"] != machine.compute_capability:
             raise InputError(f"engine {engine} was built on {gpu['name']} (sm {gpu['compute_capability']}), this "
                              f"machine has {machine.gpu_name} (sm {machine.compute_capability}): {rebuild}")
+        if gpu["name"] != machine.gpu_name:
+            log.warning("engine %s was built on %s and runs on %s (same sm %s): it works, but its kernels were "
+                        "timed on the other GPU; rebuild for best speed", engine, gpu["name"], machine.gpu_name,
+                        machine.compute_capability)
         for source, digest in entry["source_sha256"].items():
             path = export_dir / source
             if not path.is_file() or sha256_file(path) != digest:

@@ -79,20 +79,33 @@ def aux_precision(options: ExportOptions) -> str:
     return "fp16" if options.target == "tensorrt" else "fp32"
 
 
-def _specs(loaded: LoadedModel, options: ExportOptions, dims: dict[str, int], layout: dict[str, Any]
-           ) -> tuple[list[onnx_export.GraphSpec], dict[str, torch.nn.Module]]:
-    """The graphs to export and, per graph, the FP32 module its parity is measured against."""
-    from exporter.precision import fp16_dit, fp16_t5, fp16_vae
+DIT_DYNAMIC = {"x": {0: "batch", 2: "length"}, "t": {0: "batch"}, "cross_attn_cond": {0: "batch"},
+               "global_embed": {0: "batch"}}
 
-    scheme, half_aux = options.scheme, aux_precision(options) == "fp16"
+
+def dit_spec(loaded: LoadedModel, dims: dict[str, int], fp16: bool) -> onnx_export.GraphSpec:
+    """The DiT graph to export: FP32, or FP16 with the FP32 islands of exporter/precision.py."""
+    from exporter.precision import fp16_dit
 
     g = torch.Generator().manual_seed(1234)
     b, length = 2, 16
-    dit_ref = graphs.DiTGraph(loaded.dit).eval()
-    dit = graphs.DiTGraph(fp16_dit(loaded.dit)).eval() if scheme == "fp16" else dit_ref
-    dit_example = (torch.randn(b, dims["io_channels"], length, generator=g), torch.rand(b, generator=g),
-                   torch.randn(b, dims["cond_tokens"], dims["cond_dim"], generator=g),
-                   torch.randn(b, dims["global_dim"], generator=g))
+    dit = graphs.DiTGraph(fp16_dit(loaded.dit) if fp16 else loaded.dit).eval()
+    example = (torch.randn(b, dims["io_channels"], length, generator=g), torch.rand(b, generator=g),
+               torch.randn(b, dims["cond_tokens"], dims["cond_dim"], generator=g),
+               torch.randn(b, dims["global_dim"], generator=g))
+    return onnx_export.GraphSpec("dit", dit, example, graphs.DIT_INPUTS, graphs.DIT_OUTPUTS, DIT_DYNAMIC)
+
+
+def _specs(loaded: LoadedModel, options: ExportOptions, dims: dict[str, int], layout: dict[str, Any]
+           ) -> tuple[list[onnx_export.GraphSpec], dict[str, torch.nn.Module]]:
+    """The graphs to export and, per graph, the FP32 module its parity is measured against."""
+    from exporter.precision import fp16_t5, fp16_vae
+
+    half_aux = aux_precision(options) == "fp16"
+    dit = dit_spec(loaded, dims, options.scheme == "fp16")
+    dit_ref = dit.module if options.scheme != "fp16" else graphs.DiTGraph(loaded.dit).eval()
+    g = torch.Generator().manual_seed(1234)
+    b = 2
     text_ref = graphs.TextEncoderGraph(loaded.t5_conditioner).eval()
     text = graphs.TextEncoderGraph(loaded.t5_conditioner, fp16_t5(loaded.t5_conditioner.model)).eval() \
         if half_aux else text_ref
@@ -104,9 +117,7 @@ def _specs(loaded: LoadedModel, options: ExportOptions, dims: dict[str, int], la
     vae = graphs.VAEDecoderGraph(fp16_vae(loaded.wrapper.pretransform, loaded.config["model"]["pretransform"],
                                           loaded.sample_rate)).eval() if half_aux else vae_ref
     specs = [
-        onnx_export.GraphSpec("dit", dit, dit_example, graphs.DIT_INPUTS, graphs.DIT_OUTPUTS,
-                              {"x": {0: "batch", 2: "length"}, "t": {0: "batch"},
-                               "cross_attn_cond": {0: "batch"}, "global_embed": {0: "batch"}}),
+        dit,
         onnx_export.GraphSpec("text_encoder", text, text_example, graphs.TEXT_INPUTS, graphs.TEXT_OUTPUTS,
                               {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}}),
         onnx_export.GraphSpec("conditioners", numbers, tuple(torch.rand(b) * 30 for _ in layout["number_ids"]),

@@ -2,8 +2,12 @@
 block-wise along K, and the packed layout of ONNX Runtime's MatMulNBits.
 
 Everything is symmetric with no zero point other than zero (TensorRT accepts nothing else, and
-symmetric weights let ORT's MLAS use its signed kernels). Scales are float32 and strictly positive:
-an all-zero channel or block gets the smallest normal float as scale, so dequantization stays exact (0).
+symmetric weights let ORT's MLAS use its signed kernels). Scales are stored in the type the DequantizeLinear
+must output (float32 for an FP32 graph, float16 for the FP16 graphs TensorRT targets: under strong typing a
+DQ outputs its scale's type) and are strictly positive in that type: an all-zero channel or block, or a
+scale that would underflow (1e-38 is 0 in FP16, and the TensorRT parser rejects a zero scale), gets the
+type's smallest positive value. The integers are computed against the scale *as stored*, so rounding the
+scale to FP16 costs no extra error beyond a 2^-11 change of step size.
 Weights here are laid out [K, N] (in, out), the way the exported MatMuls hold them.
 """
 from __future__ import annotations
@@ -16,14 +20,20 @@ TINY = np.float32(np.finfo(np.float32).tiny)
 QMAX = {8: 127, 4: 7}
 
 
-def _scale(absmax: np.ndarray, bits: int) -> np.ndarray:
-    return np.maximum(np.asarray(absmax, np.float64) / QMAX[bits], TINY).astype(np.float32)
+def positive_scale(value: np.ndarray | float, dtype: type = np.float32) -> np.ndarray:
+    """`value` in `dtype`, floored at the type's smallest positive (subnormal) value after rounding."""
+    floor = np.finfo(dtype).smallest_subnormal
+    return np.maximum(np.asarray(value, np.float64).astype(dtype), floor).astype(dtype)
 
 
-def quantize_int8_per_channel(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[K, N] -> (int8 [K, N], scale [N]); one scale per output channel (DequantizeLinear axis=1)."""
-    scale = _scale(np.abs(w_kn).max(axis=0), 8)
-    q = np.clip(np.rint(w_kn / scale[None, :]), -127, 127).astype(np.int8)
+def _scale(absmax: np.ndarray, bits: int, dtype: type = np.float32) -> np.ndarray:
+    return positive_scale(np.maximum(np.asarray(absmax, np.float64) / QMAX[bits], float(TINY)), dtype)
+
+
+def quantize_int8_per_channel(w_kn: np.ndarray, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] -> (int8 [K, N], scale [N] in `dtype`); one scale per output channel (DequantizeLinear axis=1)."""
+    scale = _scale(np.abs(w_kn).max(axis=0), 8, dtype)
+    q = np.clip(np.rint(w_kn / scale.astype(np.float64)[None, :]), -127, 127).astype(np.int8)
     return q, scale
 
 
@@ -36,27 +46,28 @@ def check_block(k: int, n: int, block: int) -> None:
         raise ValueError(f"weight [{k}, {n}] does not split into INT4 blocks of {block} along K with an even N")
 
 
-def quantize_int4_blockwise(w_kn: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """[K, N] -> (int8 holding [-7, 7] [K, N], scale [K / block, N]); blocks run along K (axis 0)."""
+def quantize_int4_blockwise(w_kn: np.ndarray, block: int, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] -> (int8 holding [-7, 7] [K, N], scale [K / block, N] in `dtype`); blocks run along K (axis 0)."""
     k, n = w_kn.shape
     check_block(k, n, block)
     blocks = w_kn.reshape(k // block, block, n)
-    scale = _scale(np.abs(blocks).max(axis=1), 4)
-    q = np.clip(np.rint(blocks / scale[:, None, :]), -7, 7).astype(np.int8)
+    scale = _scale(np.abs(blocks).max(axis=1), 4, dtype)
+    q = np.clip(np.rint(blocks / scale.astype(np.float64)[:, None, :]), -7, 7).astype(np.int8)
     return q.reshape(k, n), scale
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Inverse of either quantizer (float64), for error measurements."""
     k, n = q.shape
+    scale = np.asarray(scale, np.float64)
     if scale.ndim == 1:
         return q.astype(np.float64) * scale[None, :]
     block = k // scale.shape[0]
     return (q.reshape(scale.shape[0], block, n).astype(np.float64) * scale[:, None, :]).reshape(k, n)
 
 
-def fake_quantize_weight(w_kn: np.ndarray, bits: int, block: int) -> np.ndarray:
-    q, s = quantize_int8_per_channel(w_kn) if bits == 8 else quantize_int4_blockwise(w_kn, block)
+def fake_quantize_weight(w_kn: np.ndarray, bits: int, block: int, dtype: type = np.float32) -> np.ndarray:
+    q, s = quantize_int8_per_channel(w_kn, dtype) if bits == 8 else quantize_int4_blockwise(w_kn, block, dtype)
     return dequantize(q, s)
 
 

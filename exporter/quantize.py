@@ -12,9 +12,20 @@ Q/K/V), the pass emits one of these forms, chosen by scheme and activation mode:
   block at run time); in static mode the static INT8 Q/DQ sits in front of it.
 
 Timestep awareness, per-bucket-scale policy: TensorRT needs constant Q scales, so the bucket index is
-computed from `t` inside the graph, the activation is multiplied by 1/range[bucket] (gathered from a
-constant table), quantized with the constant scale 1/127, and the MatMul output is multiplied by
-range[bucket]. The MatMul is linear, so this equals quantizing with the per-bucket scale range/127.
+computed from `t` inside the graph, the activation is multiplied by pre[bucket] = R / range[bucket]
+(gathered from a constant table; R is the smallest bucket range), quantized with the constant scale R/127,
+and the MatMul output is multiplied by 1/pre[bucket]. The MatMul is linear, so this equals quantizing with
+the per-bucket scale range/127. The table is normalised to the smallest bucket so that its entries lie in
+[1/PRESCALE_MAX, 1]: an FP16 graph cannot hold 1/range (ranges of 1e-5 or 1e5 leave FP16), and with
+entries <= 1 neither the pre-scaled activation nor the MatMul output before the post-scale is larger than
+in the unscaled graph (normalising to the largest bucket instead makes the MatMul output pre[bucket] times
+larger, which overflows FP16 in the noisy buckets: measured 9 dB instead of exact on sao-mini).
+
+Float types: every constant a pass adds is in the float type of the MatMul it serves (the type of the
+layer's weight initializer: FP32 in the FP32 graph, FP16 in the FP16 graph the TensorRT target
+quantizes). Under TensorRT's strong typing a DequantizeLinear outputs its scale's type and a MatMul runs in
+its inputs' type, so FP16 scales are what make the INT8/INT4 GEMMs write FP16 and keep everything around
+them FP16 (ARCHITECTURE.md section 3).
 """
 from __future__ import annotations
 
@@ -36,6 +47,19 @@ from exporter.smoothing import apply_smoothing
 
 log = logging.getLogger(__name__)
 DYNAMIC_KERNELS = ("dql", "nbits")
+# range ratio the per-bucket pre-scale table spans (see the module docstring): a bucket whose range is more
+# than this far above the smallest one is quantized with a scale clipped to PRESCALE_MAX x the smallest
+PRESCALE_MAX = 1024.0
+_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+def float_type(model: onnx.ModelProto, initializer: str) -> type:
+    """numpy float type of a layer's weight initializer: the type its MatMul (and its activation) runs in."""
+    init = next(i for i in model.graph.initializer if i.name == initializer)
+    if init.data_type not in _NP:
+        raise InputError(f"weight {initializer} is {TensorProto.DataType.Name(init.data_type)}; "
+                         "only FP32 and FP16 graphs are quantized")
+    return _NP[init.data_type]
 
 
 @dataclass(frozen=True)
@@ -100,7 +124,7 @@ def _bucket_index(model: onnx.ModelProto, edges: Sequence[float], t_input: str =
 def _gathered(model: onnx.ModelProto, tensor: str, part: str, table: np.ndarray, bucket: str) -> str:
     """table[bucket] reshaped to [B, 1, 1] so it broadcasts over [B, L, C]."""
     g = model.graph
-    g.initializer.extend([qdq.constant(table, names.act(tensor, f"{part}_table")),
+    g.initializer.extend([qdq.constant(table, names.act(tensor, f"{part}_table"), table.dtype.type),
                           qdq.constant([1, 2], names.act(tensor, f"{part}_axes"), np.int64)])
     g.node.extend([
         helper.make_node("Gather", [names.act(tensor, f"{part}_table"), bucket], [names.act(tensor, f"{part}_b")],
@@ -110,9 +134,9 @@ def _gathered(model: onnx.ModelProto, tensor: str, part: str, table: np.ndarray,
     return names.act(tensor, part)
 
 
-def _static_qdq(model: onnx.ModelProto, tensor: str, scale: float) -> str:
+def _static_qdq(model: onnx.ModelProto, tensor: str, scale: float, dtype: type = np.float32) -> str:
     g = model.graph
-    g.initializer.extend([qdq.constant(np.float32(scale), names.act(tensor, "scale")),
+    g.initializer.extend([qdq.constant(qdq.positive_scale(scale, dtype), names.act(tensor, "scale"), dtype),
                           qdq.constant(np.int8(0), names.act(tensor, "zero_point"), np.int8)])
     q_in = [tensor, names.act(tensor, "scale"), names.act(tensor, "zero_point")]
     g.node.extend([helper.make_node("QuantizeLinear", q_in, [names.act(tensor, "q")], name=names.node(tensor, "act_q")),
@@ -121,17 +145,20 @@ def _static_qdq(model: onnx.ModelProto, tensor: str, scale: float) -> str:
     return names.act(tensor, "dq")
 
 
-def _weight_dq(model: onnx.ModelProto, layer: str, w_kn: np.ndarray, bits: int, block: int) -> tuple[str, np.ndarray]:
+def _weight_dq(model: onnx.ModelProto, layer: str, w_kn: np.ndarray, bits: int, block: int,
+               dtype: type = np.float32) -> tuple[str, np.ndarray]:
+    """Weight DQ with its scale in `dtype`: the DQ outputs `dtype` straight into the MatMul's weight input
+    (TensorRT's INT4 weight-only GEMM needs exactly that: an FP16 DQ output feeding the MatMul)."""
     g = model.graph
     if bits == 8:
-        q, scale = qdq.quantize_int8_per_channel(w_kn)
+        q, scale = qdq.quantize_int8_per_channel(w_kn, dtype)
         g.initializer.append(numpy_helper.from_array(q, names.weight_q(layer)))
         attrs = {"axis": 1}
     else:
-        q, scale = qdq.quantize_int4_blockwise(w_kn, block)
+        q, scale = qdq.quantize_int4_blockwise(w_kn, block, dtype)
         g.initializer.append(qdq.int4_initializer(names.weight_q(layer), q))
         attrs = {"axis": 0, "block_size": block}
-    g.initializer.append(qdq.constant(scale, names.weight_scale(layer)))
+    g.initializer.append(qdq.constant(scale, names.weight_scale(layer), dtype))
     g.node.append(helper.make_node("DequantizeLinear", [names.weight_q(layer), names.weight_scale(layer)],
                                    [names.weight_dq(layer)], name=names.node(layer, "weight_dq"), **attrs))
     return names.weight_dq(layer), scale
@@ -170,13 +197,19 @@ def _matmulinteger(model: onnx.ModelProto, layer: str, xq: tuple[str, str, str],
     return scale
 
 
-def _lowrank_branch(model: onnx.ModelProto, layer: str, x: str, l1: np.ndarray, l2: np.ndarray) -> str:
-    """x (FP32) -> Cast FP16 -> MatMul L1 -> MatMul L2 -> Cast FP32: a strongly typed graph must say
-    where FP16 starts and ends."""
+def _lowrank_branch(model: onnx.ModelProto, layer: str, x: str, l1: np.ndarray, l2: np.ndarray,
+                    dtype: type = np.float32) -> str:
+    """FP16 MatMuls x L1 L2. In an FP32 graph: x -> Cast FP16 -> MatMul L1 -> MatMul L2 -> Cast FP32, since a
+    strongly typed graph must say where FP16 starts and ends; in an FP16 graph no Cast is needed."""
     g = model.graph
     g.initializer.extend([numpy_helper.from_array(l1.astype(np.float16), names.lowrank(layer, "L1")),
                           numpy_helper.from_array(l2.astype(np.float16), names.lowrank(layer, "L2"))])
     lr = lambda p: names.lowrank(layer, p)  # noqa: E731
+    if dtype == np.float16:
+        g.node.extend([
+            helper.make_node("MatMul", [x, lr("L1")], [lr("h16")], name=names.node(layer, "lowrank_down")),
+            helper.make_node("MatMul", [lr("h16"), lr("L2")], [lr("out")], name=names.node(layer, "lowrank_up"))])
+        return lr("out")
     g.node.extend([
         helper.make_node("Cast", [x], [lr("in16")], to=TensorProto.FLOAT16, name=names.node(layer, "lowrank_cast_in")),
         helper.make_node("MatMul", [lr("in16"), lr("L1")], [lr("h16")], name=names.node(layer, "lowrank_down")),
@@ -204,6 +237,7 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
         raise InputError(f"unknown dynamic kernel '{dynamic_kernel}' (choose from: {', '.join(DYNAMIC_KERNELS)})")
     resolved = recipe.resolve(sites)
     active = {n: s for n, s in resolved.items() if s is not None}
+    ftypes = {n: float_type(model, sites[n].weight) for n in active}
     record: dict[str, dict[str, Any]] = {n: {"quantized": False} for n, s in resolved.items() if s is None}
     factors: dict[str, np.ndarray] = {}
     if recipe.method != "minmax":
@@ -227,6 +261,7 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
             raise InputError(f"layers {members} read one tensor but have different settings {sorted(kinds)}; "
                              "they share one activation quantizer, so give them the same scheme and activations")
         scheme, activations = kinds.pop()
+        ftype = ftypes[members[0]]
         # calibrated range of the (smoothed) activation per bucket
         per_bucket = np.max([np.max(np.asarray(stats[m].ch_absmax, np.float64) / factors.get(m, 1.0), axis=1)
                              for m in members], axis=0)
@@ -236,18 +271,22 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
         if static:
             if bucket is not None:
                 act_scales = [float(per_bucket[bucket]) / 127]
-                x_q = _static_qdq(model, tensor, act_scales[0])
+                x_q = _static_qdq(model, tensor, act_scales[0], ftype)
             elif recipe.bucket_policy == "per-bucket-scale" and k_buckets > 1:
                 index = _bucket_index(model, edges)
-                pre = _gathered(model, tensor, "prescale", (1.0 / per_bucket).astype(np.float32), index)
-                inverse = _gathered(model, tensor, "postscale", per_bucket.astype(np.float32), index)
+                shared = float(per_bucket.min())
+                pre_table = np.clip(shared / per_bucket, 1.0 / PRESCALE_MAX, 1.0).astype(ftype)
+                post_table = (1.0 / pre_table.astype(np.float64)).astype(ftype)
+                pre = _gathered(model, tensor, "prescale", pre_table, index)
+                inverse = _gathered(model, tensor, "postscale", post_table, index)
                 model.graph.node.append(helper.make_node("Mul", [tensor, pre], [names.act(tensor, "prescaled")],
                                                          name=names.node(tensor, "prescale_mul")))
-                x_q = _static_qdq(model, names.act(tensor, "prescaled"), 1.0 / 127)
-                act_scales = [float(r) / 127 for r in per_bucket]
+                x_q = _static_qdq(model, names.act(tensor, "prescaled"), shared / 127, ftype)
+                q_scale = float(qdq.positive_scale(shared / 127, ftype))
+                act_scales = [q_scale / float(p) for p in pre_table]
             else:
                 act_scales = [float(per_bucket.max()) / 127]
-                x_q = _static_qdq(model, tensor, act_scales[0])
+                x_q = _static_qdq(model, tensor, act_scales[0], ftype)
         for layer in members:
             settings = active[layer]
             node = graph_edit.node_by_name(model, sites[layer].node)
@@ -263,6 +302,9 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
             final_out = node.output[0]
             raw = names.matmul_out(layer, "raw") if (inverse or rank) else final_out
             dynamic = scheme != "w4a16" and activations == "dynamic"
+            if ftype != np.float32 and (scheme == "w4a8" or dynamic):
+                raise InputError(f"layer {layer}: {scheme} {activations} runs as ONNX Runtime kernels on the FP32 "
+                                 "graph; quantize the FP32 graph for it (--target onnxruntime)")
             if scheme == "w4a8" or (dynamic and dynamic_kernel == "nbits"):
                 scale = _nbits(model, layer, x_q, w_kn, bits, block, raw)
                 kernel = f"MatMulNBits(bits={bits}, accuracy_level=4)"
@@ -272,18 +314,19 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                 kernel = "DynamicQuantizeLinear+MatMulInteger"
                 model.graph.node.remove(node)
             else:
-                w_dq, scale = _weight_dq(model, layer, w_kn, bits, block)
+                w_dq, scale = _weight_dq(model, layer, w_kn, bits, block, ftype)
                 node.input[0], node.input[1] = x_q, w_dq
                 node.output[0] = raw
                 kernel = "Q/DQ MatMul"
-            rec.update({"kernel": kernel, "weight_scale_min": float(scale.min()), "weight_scale_max": float(scale.max())})
+            rec.update({"kernel": kernel, "weight_scale_min": float(scale.min()), "weight_scale_max": float(scale.max()),
+                        "float_type": np.dtype(ftype).name})
             out = raw
             if inverse:
                 target = final_out if not rank else names.matmul_out(layer, "rescaled")
                 model.graph.node.append(helper.make_node("Mul", [raw, inverse], [target], name=names.node(layer, "postscale_mul")))
                 out = target
             if rank:
-                branch = _lowrank_branch(model, layer, tensor, l1, l2)
+                branch = _lowrank_branch(model, layer, tensor, l1, l2, ftype)
                 model.graph.node.append(helper.make_node("Add", [out, branch], [final_out], name=names.node(layer, "lowrank_add")))
     graph_edit.prune_initializers(model)
     graph_edit.toposort(model)

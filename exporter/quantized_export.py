@@ -1,7 +1,15 @@
 """The quantization stage of an export: FP32 DiT graph + calibration artifact + recipe -> quantized graph(s).
 
 Runs inside `export_model`'s temporary directory after the FP32 graphs passed parity, so a failed
-quantization (or a TensorRT rule the result breaks) leaves no export behind. The manifest records the
+quantization (or a TensorRT rule the result breaks) leaves no export behind.
+
+The graph that is quantized depends on the target. ONNX Runtime's CPU kernels (MatMulIntegerToFloat,
+MatMulNBits) take FP32 activations, so its target quantizes the FP32 graph. A TensorRT engine built strongly
+typed runs every layer in the type the graph gives it (a DequantizeLinear outputs its scale's type, a MatMul
+runs in its inputs' type), so the TensorRT target quantizes the FP16 graph of `--scheme fp16` (FP32 only in
+LayerNorm, RoPE and the timestep path) with FP16 scales: the INT8/INT4 GEMMs write FP16 and attention,
+Softmax and the elementwise ops stay FP16. The precision map (exporter/precision_map.py) verifies that on
+the finished graph and fails the export naming the node otherwise. The manifest records the
 recipe and its hash, the calibration artifact's hash, the ORT session settings the graph needs, and per
 layer whether it was smoothed, its rank, kernel and scales.
 """
@@ -20,18 +28,23 @@ from calibration import artifact
 from calibration.artifact import sha256_file
 from exporter import graph_edit
 from exporter.errors import InputError
+from exporter.export import dit_spec
 from exporter.layers import quantizable_linears
 from exporter.models import LoadedModel
 from exporter.onnx_export import PROTOBUF_LIMIT
 from exporter.onnx_layers import locate_linears
 from exporter.quantize import DYNAMIC_KERNELS, LayerStats, quantize_dit
 from exporter.recipe import Recipe
-from exporter.trt_check import check_graph
+from exporter.precision_map import precision_map
+from exporter.speed_model import predict_all
+from exporter.trt_check import TRT_INT4_BLOCKS, check_graph
 
 log = logging.getLogger(__name__)
 # ORT fuses DQ(INT4)->MatMul into MatMulNBits with int8 activations unless told otherwise (its default
 # accuracy level is 4): w4a16 must compute with float activations to mean what it says.
 W4A16_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+# the latent length the export's precision map weighs FLOPs at (SAO 1.0's 47.55 s window)
+PRECISION_MAP_LATENTS = 1024
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,18 @@ def read_calibration(directory: Path, loaded: LoadedModel) -> Calibration:
     return Calibration(Path(directory), meta, stats, tuple(meta["buckets"]["edges"]))
 
 
+def base_graph(scratch: Path, target: str) -> Path:
+    """Where `quantize_stage` leaves the unquantized graph it quantized (the report's baselines use it)."""
+    return Path(scratch) / ("dit.fp16.onnx" if target == "tensorrt" else "dit.fp32.onnx")
+
+
+def export_fp16_base(loaded: LoadedModel, dims: dict[str, int], path: Path) -> None:
+    from exporter.onnx_export import export_graph
+
+    log.info("exporting the FP16 DiT graph the TensorRT target quantizes")
+    export_graph(dit_spec(loaded, dims, fp16=True), path)
+
+
 def quantize_graph(fp32_path: Path, layers: Sequence[str], calibration: Calibration, recipe: Recipe,
                    bucket: int | None = None, dynamic_kernel: str = "dql") -> tuple[onnx.ModelProto, dict]:
     model = onnx.load(str(fp32_path))
@@ -88,21 +113,32 @@ def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: Quant
         model = onnx.load(str((source or tmp) / entry["file"]))
         graph_edit.save(model, fp32, PROTOBUF_LIMIT)
         del model
+        base = base_graph(scratch, options.target)
+        if base != fp32:
+            export_fp16_base(loaded, manifest["dims"], base)
         for f in entry["files"]:
             (tmp / f).unlink(missing_ok=True)
         fp32_bytes = entry["weight_bytes"]
         k = len(calibration.edges) - 1
         targets = [(None, "dit.onnx")] if recipe.bucket_policy != "per-bucket-graph" else \
             [(b, f"dit.bucket{b}.onnx") for b in range(k)]
-        files, records, graph_bytes, buckets = [], {}, [], []
+        files, records, graph_bytes, buckets, precision_summaries, prediction = [], {}, [], [], {}, {}
         for bucket, name in targets:
             log.info("quantizing %s (%s, %s%s)", name, recipe.scheme, recipe.method,
                      "" if bucket is None else f", bucket {bucket}")
-            model, record = quantize_graph(fp32, layers, calibration, recipe, bucket, options.dynamic_kernel)
+            model, record = quantize_graph(base, layers, calibration, recipe, bucket, options.dynamic_kernel)
             if options.target == "tensorrt":
-                problems = check_graph(model)
+                problems = check_graph(model, block_sizes=TRT_INT4_BLOCKS)
                 if problems:
                     raise InputError(f"{name} breaks {len(problems)} TensorRT rule(s), first: {problems[0]}")
+                pmap = precision_map(model, latents=PRECISION_MAP_LATENTS)
+                if pmap.violations:
+                    raise InputError(f"{name}: {len(pmap.violations)} layer(s) would run in FP32 under TensorRT's "
+                                     f"strong typing, first: {pmap.violations[0]}")
+                precision_summaries[name] = pmap.summary()
+                if not prediction:
+                    base_map = precision_map(onnx.load(str(base), load_external_data=False), latents=PRECISION_MAP_LATENTS)
+                    prediction.update(predict_all({"fp16": base_map, recipe.scheme: pmap}))
             onnx.checker.check_model(model)
             written = graph_edit.save(model, tmp / name, PROTOBUF_LIMIT)
             files += written
@@ -116,6 +152,7 @@ def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: Quant
                       "weight_bytes": int(sum(graph_bytes)), "weight_bytes_per_graph": int(graph_bytes[0]),
                       "fp32_weight_bytes": int(fp32_bytes), "size_ratio": graph_bytes[0] / fp32_bytes,
                       "sha256": {f: sha256_file(tmp / f) for f in files},
+                      "base_precision": "fp16" if base != fp32 else "fp32",
                       "ort_session_config": W4A16_SESSION_CONFIG if recipe.scheme == "w4a16" else {}})
         entry.pop("parity", None)
         if buckets:
@@ -131,6 +168,8 @@ def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: Quant
             "calibration": {"artifact_sha256": calibration.meta["artifact_sha256"], "copy": "calibration/",
                             "buckets": list(calibration.edges)},
             "tensorrt_rules": "checked" if options.target == "tensorrt" else "not checked (target onnxruntime)",
+            "tensorrt_precision": next(iter(precision_summaries.values())) if precision_summaries else None,
+            "predicted_speed": ({"latents": PRECISION_MAP_LATENTS, "batch": 2, **prediction} if prediction else None),
             "layers": records[targets[0][1]] if len(records) == 1 else records,
         }
         log.info("DiT weights %.1f MB -> %.1f MB per graph (%.3fx FP32)%s", fp32_bytes / 1e6, graph_bytes[0] / 1e6,

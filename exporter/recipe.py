@@ -29,6 +29,9 @@ ACTIVATIONS = ("static", "dynamic")
 # set (and graph) per bucket, needed when smoothing factors differ per bucket.
 BUCKET_POLICIES = ("shared", "per-bucket-scale", "per-bucket-graph")
 TARGETS = ("onnxruntime", "tensorrt")
+# TensorRT's INT4 weight-only quantization takes block sizes 64 and 128 only (TensorRT developer guide,
+# "Working with Quantized Types": block quantization; enforced here before any work and by exporter/trt_check.py)
+TRT_INT4_BLOCKS = (64, 128)
 OVERRIDABLE = ("scheme", "alpha", "lowrank", "block_size", "activations")
 # Accuracy a deployed DiT must keep against FP32 (per-step output SQNR in dB, cosine) on sampler
 # trajectories, unless the recipe sets its own: what `scripts/check.py` enforces. Set from the sao-mini
@@ -119,10 +122,14 @@ class Recipe:
             raise InputError(f"unknown target '{target}' (choose from: {', '.join(TARGETS)})")
         if target != "tensorrt":
             return
-        layers = [("recipe", self.scheme, self.activations)] + [
-            (r.pattern, dict(r.overrides).get("scheme", self.scheme), dict(r.overrides).get("activations", self.activations))
+        layers = [("recipe", self.scheme, self.activations, self.block_size)] + [
+            (r.pattern, dict(r.overrides).get("scheme", self.scheme), dict(r.overrides).get("activations", self.activations),
+             dict(r.overrides).get("block_size", self.block_size))
             for r in self.rules if r.action == "override"]
-        for where, scheme, activations in layers:
+        for where, scheme, activations, block in layers:
+            if scheme != "w8a8" and block not in TRT_INT4_BLOCKS:
+                raise InputError(f"{where}: TensorRT's INT4 weight-only GEMM takes block sizes "
+                                 f"{' or '.join(map(str, TRT_INT4_BLOCKS))}, got {block}; use --block-size 64 or 128")
             if scheme == "w4a8":
                 raise InputError(f"{where}: w4a8 is not supported by TensorRT (W4A8 exists only in TensorRT-LLM); "
                                  "use --target onnxruntime or --scheme w4a16/w8a8")

@@ -5,6 +5,11 @@ a graph that breaks a rule either fails to parse or builds silently slower (unfu
 names the node, so the export fails before a user finds out on a GPU. Runnable alone:
 
     python -m exporter.trt_check dit.onnx [more.onnx ...]     # exit 1 when a rule is broken
+    python -m exporter.trt_check dit.onnx --precision-map --latents 1024   # + what TensorRT runs each layer in
+
+With `--precision-map` it also prints, per compute layer, the precision a strongly typed TensorRT build runs
+it in and its share of the step's FLOPs (exporter/precision_map.py), and fails (exit 1) when a quantized
+GEMM, an attention MatMul or a Softmax of a quantized graph would run in FP32.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+
+from exporter.recipe import TRT_INT4_BLOCKS
 
 UNSUPPORTED = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv",
                "MatMulIntegerToFloat", "MatMulNBits")
@@ -32,7 +39,8 @@ class Violation:
         return f"{self.node}: {self.rule}: {self.detail}"
 
 
-def check_graph(model: onnx.ModelProto) -> list[Violation]:
+def check_graph(model: onnx.ModelProto, block_sizes: tuple[int, ...] = TRT_INT4_BLOCKS) -> list[Violation]:
+    """Every Q/DQ rule a graph breaks. `block_sizes`: the INT4 block sizes accepted."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
@@ -49,7 +57,7 @@ def check_graph(model: onnx.ModelProto) -> list[Violation]:
                                  "TensorRT (no QLinear*/*Integer/DynamicQuantizeLinear/contrib ops)"))
             continue
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            bad.extend(_check_qdq(n, inits, opset))
+            bad.extend(_check_qdq(n, inits, opset, block_sizes))
         if n.op_type == "QuantizeLinear":
             if n.input[0] in quantized_tensors:
                 bad.append(Violation("shared Q/DQ", n.name, f"{n.input[0]} is already quantized by "
@@ -82,7 +90,8 @@ def _numel(t: onnx.TensorProto | None) -> int:
     return -1 if t is None else int(np.prod(t.dims, dtype=np.int64))
 
 
-def _check_qdq(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto], opset: int) -> list[Violation]:
+def _check_qdq(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto], opset: int,
+               block_sizes: tuple[int, ...]) -> list[Violation]:
     bad = []
     scale = inits.get(n.input[1]) if len(n.input) > 1 else None
     if scale is None:
@@ -109,9 +118,9 @@ def _check_qdq(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto], opset: int
         if w.data_type == TensorProto.INT4:
             if opset < 21:
                 bad.append(Violation("INT4 opset", n.name, f"INT4 block quantization needs opset >= 21, graph has {opset}"))
-            if not block or block < 16 or block & (block - 1):
-                bad.append(Violation("INT4 blocks", n.name, f"INT4 weights need a block size that is a power of two "
-                                     f">= 16, got {block}"))
+            if block not in block_sizes:
+                bad.append(Violation("INT4 blocks", n.name, f"TensorRT's INT4 weight-only GEMM takes block sizes "
+                                     f"{' or '.join(map(str, block_sizes))}, got {block}"))
             if w.dims[-1] % 2:
                 bad.append(Violation("INT4 even dims", n.name, f"INT4 weight {w.name} has an odd last dimension"))
         elif w.data_type != TensorProto.INT8:
@@ -141,13 +150,28 @@ def _check_matmul(n: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check ONNX graphs against TensorRT's Q/DQ rules.")
     parser.add_argument("graphs", nargs="+", type=Path)
+    parser.add_argument("--precision-map", action="store_true",
+                        help="print the precision TensorRT runs each compute layer in and its FLOP share")
+    parser.add_argument("--latents", type=int, default=1024, help="latent length the FLOPs are counted at")
+    parser.add_argument("--batch", type=int, default=2, help="batch the FLOPs are counted at (CFG: 2)")
     args = parser.parse_args(argv)
     failed = 0
     for path in args.graphs:
         if not path.is_file():
             print(f"error: {path} does not exist", file=sys.stderr)
             return 2
-        problems = check_graph(onnx.load(str(path)))
+        model = onnx.load(str(path), load_external_data=False)
+        problems: list = check_graph(model)
+        if args.precision_map:
+            from exporter.precision_map import precision_map
+
+            pmap = precision_map(model, latents=args.latents, batch=args.batch)
+            print(pmap.table())
+            share = ", ".join(f"{k} {100 * v:.1f}%" for k, v in pmap.flop_share().items())
+            print(f"{path.name}: {sum(x.flops for x in pmap.layers) / 1e9:.1f} GFLOP at {args.latents} latents, "
+                  f"batch {args.batch}: {share}; attention cores fusable {pmap.fusable_attention_cores}/"
+                  f"{pmap.attention_cores}")
+            problems = problems + [f"precision: {v}" for v in pmap.violations]
         for p in problems:
             print(f"{path.name}: {p}")
         print(f"{path.name}: {'FAIL' if problems else 'ok'} ({len(problems)} violations)")

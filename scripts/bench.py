@@ -241,7 +241,10 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__)
     add_model_args(parser)
-    parser.add_argument("--calibration", required=True, help="calibration artifact of this model")
+    parser.add_argument("--calibration", help="calibration artifact of this model (required unless --predict)")
+    parser.add_argument("--predict", action="store_true",
+                        help="print the roofline PREDICTION of TensorRT FP16/w8a8/w4a16 engines per GPU from the "
+                             "graphs' precision maps instead of timing (nothing is run)")
     parser.add_argument("--lengths", default="256,1024", help="latent lengths")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="quantized ORT candidates to time")
     parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch eager on the CPU")
@@ -275,6 +278,15 @@ def main() -> int:
     from exporter.quantized_export import QuantizeOptions, quantize_stage, read_calibration
     from exporter.recipe import Recipe
 
+    if args.predict:
+        from scripts._bench_predict import predict_main
+
+        loaded = load_model(model_spec(args))
+        calibration = read_calibration(Path(args.calibration), loaded) if args.calibration else None
+        predict_main(loaded, calibration, [int(v) for v in args.lengths.split(",")], Path(args.out))
+        return 0
+    if not args.calibration:
+        raise InputError("--calibration is required (except with --predict)")
     if args.runs < 10:
         log.warning("--runs %d < 10: medians of fewer runs are noisy", args.runs)
     lengths = [int(v) for v in args.lengths.split(",")]

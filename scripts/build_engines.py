@@ -29,21 +29,25 @@ def main() -> int:
                         help="longest audio the engines run (default: the model's window)")
     parser.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to read and update")
     parser.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="keep FP32 layers in full FP32 (default: TF32 tensor cores, TensorRT's own default)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     setup_logging(args.verbose)
 
-    from engines.tensorrt import (BuildSettings, build_engines, build_plan, check_parsable,
+    from engines.tensorrt import (BuildSettings, build_engines, build_plan, check_parsable, check_timing_cache,
                                   polygraphy_convert_command, tensorrt_unavailable)
     from exporter.artifacts import read_manifest
     from exporter.errors import InputError
 
     settings = BuildSettings(min_seconds=args.min_seconds, opt_seconds=args.opt_seconds,
-                             max_seconds=args.max_seconds, opt_level=args.opt_level, timing_cache=args.timing_cache)
+                             max_seconds=args.max_seconds, opt_level=args.opt_level, timing_cache=args.timing_cache,
+                             tf32=not args.no_tf32)
     export, out = Path(args.export), Path(args.out)
     manifest = read_manifest(export)
     items = build_plan(export, manifest)
     check_parsable(export, items)
+    check_timing_cache(args.timing_cache)
     reason = tensorrt_unavailable()
     if reason:
         print("# Equivalent polygraphy commands, to run where TensorRT and a CUDA GPU are available:")

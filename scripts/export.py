@@ -106,7 +106,8 @@ def main() -> int:
             if args.report_prompts > 0:
                 stages.append(report_stage(loaded, calibration, quant.recipe,
                                            AccuracySettings(prompts=args.report_prompts, steps=args.report_steps),
-                                           scratch, modelopt=not args.no_modelopt, dynamic_kernel=args.dynamic_kernel))
+                                           scratch, modelopt=not args.no_modelopt, dynamic_kernel=args.dynamic_kernel,
+                                           target=quant.target))
         manifest = export_model(loaded, Path(args.out), options, stages)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -123,6 +123,9 @@ def test_convert_command_has_the_profiles_and_flags_polygraphy_reads(tmp_path):
     assert config.builder_optimization_level == 4
     assert config.load_timing_cache == engine_bytes.save_timing_cache == str(tmp_path / "timing.cache")
     assert not any(getattr(config, flag) for flag in ("fp16", "int8", "bf16", "fp8"))  # deprecated flags stay off
+    assert config.tf32 is True and "--tf32" in command  # Polygraphy clears TF32 unless asked
+    no_tf32 = polygraphy_convert_command(export, "dit.onnx", tmp_path / "d.engine", BuildSettings(tf32=False))
+    assert _polygraphy_parse(no_tf32)[1].tf32 is False and BuildSettings().to_json()["tf32"] is True
 
     vae = polygraphy_convert_command(export, "vae_decoder.onnx", tmp_path / "vae_decoder.engine", BuildSettings())
     _, config, _, engine_bytes = _polygraphy_parse(vae)
@@ -139,7 +142,7 @@ def test_every_flag_of_the_convert_command_is_in_polygraphy_help(tmp_path):
                                capture_output=True, text=True, check=True).stdout
     flags = {a for a in shlex.split(command) if a.startswith("-")}
     assert flags >= {"--convert-to", "--trt-min-shapes", "--trt-opt-shapes", "--trt-max-shapes", "--strongly-typed",
-                     "--builder-optimization-level", "--save-timing-cache", "-o"}
+                     "--builder-optimization-level", "--save-timing-cache", "--tf32", "-o"}
     for flag in flags:
         assert f"{flag} " in help_text or f"{flag}," in help_text or f"{flag}\n" in help_text, flag
 
@@ -186,12 +189,20 @@ def test_build_script_without_tensorrt_prints_commands_exits_2_and_writes_nothin
 
 
 @pytest.mark.parametrize("args", [["--min-seconds", "8", "--max-seconds", "2"], ["--max-seconds", "60"],
-                                  ["--opt-level", "9"]])
+                                  ["--opt-level", "9"], ["--timing-cache", "{tmp}/a-file/cache/t.cache"],
+                                  ["--timing-cache", "{tmp}"]])
 def test_build_script_bad_settings_exit_2(mini_export, tmp_path, args):
+    """Refused before any engine is built, TensorRT or not: a timing cache whose directory cannot be created
+    (a file sits where a directory should) or that is a directory would otherwise end in a traceback after the
+    first engine."""
     export, _ = mini_export
+    (tmp_path / "a-file").write_text("not a directory")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     proc = run_script("build_engines.py", "--export", str(export), "--out", str(tmp_path / "engines"), *args)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
     assert not (tmp_path / "engines").exists()
+    if "--timing-cache" in args:
+        assert "timing-cache" in proc.stderr and "polygraphy convert" not in proc.stdout
 
 
 def _engines_dir(tmp_path: Path, export: Path) -> Path:
