@@ -81,6 +81,16 @@ class PerRequestNoise:
         return torch.cat([s(sigma, sigma_next) for s in self.samplers])
 
 
+def split_rows(n: int, sizes: Sequence[int]) -> list[int]:
+    """Chunks of `n` rows in the allowed batch sizes: the largest that fits, else the smallest (padded)."""
+    out, left, sizes = [], n, sorted(set(sizes))
+    while left > 0:
+        fits = [s for s in sizes if s <= left]
+        out.append(fits[-1] if fits else sizes[0])
+        left -= out[-1]
+    return out
+
+
 RawDiT = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -99,22 +109,26 @@ class GuidedBatchDiT:
     """Per-row classifier-free guidance over one DiT call: rows 0..n-1 conditioned, then the unconditioned
     rows (zero cross-attention tokens, same global embedding) of the requests whose cfg_scale != 1."""
 
-    def __init__(self, run: RawDiT, cfg_scales: Sequence[float], max_rows: int | None = None) -> None:
+    def __init__(self, run: RawDiT, cfg_scales: Sequence[float], batch_sizes: Sequence[int] | None = None) -> None:
         self.run = run
         self.cfg = torch.tensor([float(c) for c in cfg_scales], dtype=torch.float32)
         self.guided = [i for i, c in enumerate(cfg_scales) if float(c) != 1.0]
-        self.max_rows = max_rows
+        self.batch_sizes = sorted(set(batch_sizes)) if batch_sizes else None
         self.calls = 0
         self.rows = 0
 
     def _run_rows(self, x: torch.Tensor, t: torch.Tensor, cross: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         self.rows += x.shape[0]
-        if self.max_rows is None or x.shape[0] <= self.max_rows:
+        if self.batch_sizes is None or x.shape[0] in self.batch_sizes:
             return self.run(x, t, cross, g)
-        step = self.max_rows  # engines built for a fixed largest batch: run it in slices
-        return torch.cat([self.run(x[i:i + step], t[i:i + step], cross[i:i + step], g[i:i + step])
-                          for i in range(0, x.shape[0], step)])
+        outs, start, n = [], 0, x.shape[0]
+        for size in split_rows(n, self.batch_sizes):  # engines with fixed batch profiles (TensorRT)
+            rows = list(range(start, min(start + size, n)))
+            rows += [rows[-1]] * (size - len(rows))  # pad by repeating the last row; dropped below
+            outs.append(self.run(x[rows], t[rows], cross[rows], g[rows])[:min(size, n - start)])
+            start += size
+        return torch.cat(outs)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cross_attn_cond: torch.Tensor | None = None,
                  global_cond: torch.Tensor | None = None, **_ignored: Any) -> torch.Tensor:
@@ -143,7 +157,7 @@ class BatchResult:
 
 
 @torch.no_grad()
-def sample_batch(pipeline: Pipeline, requests: Sequence[GenerateOptions], max_dit_rows: int | None = None,
+def sample_batch(pipeline: Pipeline, requests: Sequence[GenerateOptions], dit_batch_sizes: Sequence[int] | None = None,
                  on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, GuidedBatchDiT]:
     """Latents [n, C, L] of `requests` (all with one BatchKey) from one batched sampler run.
 
@@ -170,7 +184,7 @@ def sample_batch(pipeline: Pipeline, requests: Sequence[GenerateOptions], max_di
     metadata = [{text_id: o.prompt, "seconds_start": o.seconds_start, "seconds_total": o.seconds} for o in requests]
     inputs = ConditionedDiffusionModelWrapper.get_conditioning_inputs(pipeline._ids,
                                                                       pipeline.backend.conditioning(metadata))
-    dit = GuidedBatchDiT(raw_dit(pipeline.backend), [o.cfg_scale for o in requests], max_dit_rows)
+    dit = GuidedBatchDiT(raw_dit(pipeline.backend), [o.cfg_scale for o in requests], dit_batch_sizes)
     denoiser = K.external.VDenoiser(dit)
     sigmas = K.sampling.get_sigmas_polyexponential(key.steps, key.sigma_min, key.sigma_max, key.rho, device=device)
     x = noise * sigmas[0]
@@ -187,11 +201,11 @@ def sample_batch(pipeline: Pipeline, requests: Sequence[GenerateOptions], max_di
 
 
 @torch.no_grad()
-def generate_batch(pipeline: Pipeline, requests: Sequence[GenerateOptions], max_dit_rows: int | None = None,
+def generate_batch(pipeline: Pipeline, requests: Sequence[GenerateOptions], dit_batch_sizes: Sequence[int] | None = None,
                    on_step: Callable[[int], None] | None = None) -> BatchResult:
     """Audio of each request from one batched sampler run; the VAE decodes one latent at a time, as the
     single run does (VAE activations are the largest of the pipeline)."""
-    latents, dit = sample_batch(pipeline, requests, max_dit_rows, on_step)
+    latents, dit = sample_batch(pipeline, requests, dit_batch_sizes, on_step)
     rate = pipeline.dims["sample_rate"]
     audio = []
     for i, opts in enumerate(requests):
