@@ -305,7 +305,7 @@ def test_sigterm_stops_accepting_finishes_in_flight_and_exits_0(server):
     def call(i: int) -> None:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http}", network_timeout=300)
         try:
-            answers[i] = client.infer(MODEL_NAME, _inputs(httpclient, f"in flight {i}", 1.0, 12, 7.0, i)).as_numpy("audio")
+            answers[i] = client.infer(MODEL_NAME, _inputs(httpclient, f"in flight {i}", 1.0, 8, 7.0, i)).as_numpy("audio")
         except Exception as exc:  # noqa: BLE001 - recorded and asserted below
             answers[i] = exc
 
