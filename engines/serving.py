@@ -234,6 +234,19 @@ def bind(triton: Any, scheduler: GenerateScheduler, pipeline: Pipeline, in_fligh
     )
 
 
+def check_ports_free(server: ServerConfig) -> None:
+    """A clear error before Triton starts: tritonserver exits on a taken port, and PyTriton then waits for
+    its readiness until a time-out."""
+    import socket
+
+    for what, port in (("HTTP", server.http_port), ("gRPC", server.grpc_port), ("metrics", server.metrics_port)):
+        with socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET) as s:
+            try:
+                s.bind((server.host, port))
+            except OSError as exc:
+                raise InputError(f"{what} port {port} on {server.host} is not available: {exc.strerror}") from None
+
+
 def triton_config(server: ServerConfig) -> Any:
     from pytriton.triton import TritonConfig
 
@@ -264,6 +277,7 @@ def serve(pipeline: Pipeline, server: ServerConfig, scheduling: SchedulerConfig,
     finishes and is answered, then Triton stops. Exit code 0 after a clean drain, 1 if Triton died."""
     from pytriton.triton import Triton
 
+    check_ports_free(server)
     prepare_python_backend_env()
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -238,10 +238,15 @@ def main() -> int:
     protocols = ["http", "grpc"] if args.protocol == "both" else [args.protocol]
     targets = {"http": f"{host}:{port}", "grpc": f"{grpc_host}:{grpc_port}"}
     _, probe = _client(protocols[0], targets[protocols[0]])
-    if not probe.is_model_ready(MODEL):
+    try:
+        ready = probe.is_model_ready(MODEL)
+        config = probe.get_model_config(MODEL) if ready else None
+    except Exception as exc:  # noqa: BLE001 - refused connection, wrong protocol ...
+        raise InputError(f"no {protocols[0]} server answers at {targets[protocols[0]]}: {exc}") from None
+    finally:
+        probe.close()
+    if not ready:
         raise InputError(f"model {MODEL} is not ready at {targets[protocols[0]]}")
-    config = probe.get_model_config(MODEL)
-    probe.close()
     max_batch = config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size
 
     host_facts = machine()
