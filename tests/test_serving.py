@@ -22,7 +22,6 @@ from engines.batching import GuidedBatchDiT, generate_batch, split_rows
 from engines.runtime import GenerateOptions, open_pipeline
 from engines.scheduler import GenerateScheduler, RequestTimeout, SchedulerConfig, ServiceClosed
 from engines.serving import MODEL_NAME, RequestError, parse_request, prepare_python_backend_env
-from exporter.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
