@@ -34,7 +34,8 @@ def main() -> int:
     parser.add_argument("--max-queue-delay-ms", type=float, default=50.0,
                         help="how long the oldest queued request waits for company (default 50 ms)")
     parser.add_argument("--request-timeout-s", type=float, default=300.0,
-                        help="time limit of one request, queueing included (default 300 s)")
+                        help="time limit of one request from when it reaches the batcher, its queueing included "
+                             "(default 300 s)")
     parser.add_argument("--max-queue", type=int, default=64, help="queued generations before refusing (default 64)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
