@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Serve text-to-audio generation from an export directory on Triton Inference Server (PyTriton).
+
+Model `quadit_generate` over KServe v2 HTTP and gRPC: inputs prompt (BYTES), seconds (FP32), steps (INT32),
+cfg_scale (FP32), seed (INT64), each [1]; outputs audio (FP32 [2, samples]), sample_rate (INT32 [1]) and
+batch_size (INT32 [1]). Concurrent requests with the same latent length and step count are stepped
+together: one DiT call per sampler step for the whole batch. Health: /v2/health/live, /v2/health/ready;
+Prometheus metrics on --metrics-port. SIGTERM (or Ctrl-C) stops accepting, finishes what is queued, exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts._common import run, setup_logging  # noqa: E402
+
+log = logging.getLogger("serve")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export", required=True, help="export directory written by scripts/export.py")
+    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
+                        help="onnxruntime (default), torch (reference) or tensorrt (needs --engines)")
+    parser.add_argument("--engines", help="engines directory from scripts/build_engines.py (--backend tensorrt)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--max-batch", type=int, default=4, help="most requests stepped together (default 4)")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=50.0,
+                        help="how long the oldest queued request waits for company (default 50 ms)")
+    parser.add_argument("--request-timeout-s", type=float, default=300.0,
+                        help="time limit of one request from when it reaches the batcher, its queueing included "
+                             "(default 300 s)")
+    parser.add_argument("--max-queue", type=int, default=64, help="queued generations before refusing (default 64)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    setup_logging(args.verbose)
+
+    from engines.runtime import open_pipeline
+    from engines.scheduler import SchedulerConfig
+    from engines.serving import ServerConfig, serve
+    from exporter.errors import InputError
+
+    if (args.backend == "tensorrt") != (args.engines is not None):
+        raise InputError("--backend tensorrt needs --engines DIR" if args.engines is None
+                         else f"--engines is for --backend tensorrt, not {args.backend}")
+    server = ServerConfig(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port)
+    scheduling = SchedulerConfig(max_batch=args.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
+                                 request_timeout_s=args.request_timeout_s, max_queue=args.max_queue)
+    export = Path(args.export)
+    if not (export / "manifest.json").is_file():
+        raise InputError(f"--export {export} is not an export directory (no manifest.json)")
+    pipeline = open_pipeline(export, args.backend, Path(args.engines) if args.engines else None)
+    if args.backend == "tensorrt":  # the DiT engines take batches up to their largest profile
+        from dataclasses import replace
+
+        sizes = pipeline.backend.meta.get("settings", {}).get("batch_sizes")
+        if sizes:
+            scheduling = replace(scheduling, dit_batch_sizes=tuple(sizes))
+    return serve(pipeline, server, scheduling)
+
+
+if __name__ == "__main__":
+    run(main)
