@@ -36,6 +36,7 @@ class ModelSpec:
     model_config: str | None = None
     checkpoint: str | None = None
     t5: str | None = None
+    t5_tokenizer: str | None = None  # a tokenizer directory apart from --t5 (a snapshot's tokenizer/)
     synthetic_weights: bool = False
     seed: int = 0
     config: dict[str, Any] | None = None  # a config dict taking precedence over model/model_config
@@ -63,19 +64,22 @@ class LoadedModel:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    """sha256 of what defines the network: the config's `model` section (and quadit's synthetic-T5
+    shape, when present). A published model_config.json also carries `training` (and top-level sample
+    fields); a calibration made from the preset must match an export made from that file."""
+    keyed = {"model": config.get("model")}
+    if "quadit" in config:
+        keyed["quadit"] = config["quadit"]
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
 def _find_in_hf_cache() -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
+    from exporter import hf_cache
+
+    snap = hf_cache.find_snapshot([SAO_REPO], ["|".join(CKPT_NAMES)])
+    if snap is None:
         return None
-    for name in CKPT_NAMES:
-        hit = try_to_load_from_cache(SAO_REPO, name)
-        if isinstance(hit, str) and Path(hit).is_file():
-            return Path(hit)
-    return None
+    return next(snap / n for n in CKPT_NAMES if (snap / n).exists())
 
 
 def resolve_checkpoint(spec: ModelSpec) -> Path:
@@ -99,11 +103,22 @@ def resolve_checkpoint(spec: ModelSpec) -> Path:
     return hit
 
 
+def is_safetensors(path: Path) -> bool:
+    """By the file's header, not its name: a Hugging Face cache blob has no extension. safetensors
+    starts with an 8-byte little-endian header length and a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < (1 << 30)
+
+
 def _read_state_dict(path: Path) -> dict[str, Any]:
     import torch
 
     try:
-        if path.suffix == ".safetensors":
+        if is_safetensors(path) or path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
@@ -176,10 +191,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         if not isinstance(state, dict) or not state:
             raise InputError(f"checkpoint {checkpoint} holds no state dict")
     overrides = config.get("quadit", {}).get("synthetic_t5", {})
-    t5 = resolve_t5_source(spec.t5, spec.synthetic_weights, spec.seed, overrides)
+    t5_name = [c for c in config["model"]["conditioning"]["configs"] if c["type"] == "t5"][0]["config"].get(
+        "t5_model_name", "t5-base")
+    t5 = resolve_t5_source(spec.t5, spec.synthetic_weights, spec.seed, overrides, name=t5_name, near=checkpoint,
+                           tokenizer_dir=spec.t5_tokenizer)
     log.info("building %s (%s weights)", spec.model, "synthetic" if spec.synthetic_weights else "checkpoint")
     wrapper = build(config, t5, spec.seed)
-    identity: dict[str, Any] = {"model": spec.model, "config_sha256": config_hash(config), "t5": t5.describe()}
+    identity: dict[str, Any] = {"model": spec.model, "config_sha256": config_hash(config), "t5": t5.describe(),
+                                "t5_source": t5.to_json()}
     if spec.synthetic_weights:
         from exporter.synthetic import shape_like_trained
 
@@ -190,8 +209,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         assert checkpoint is not None and state is not None
         _load_weights(wrapper, state, checkpoint)
         identity["weights"] = f"sha256:{sha256_file(checkpoint)}"
-        identity["checkpoint"] = str(checkpoint.resolve())
+        # the path as the user (or the cache search) named it: a cache snapshot's symlink, not the blob
+        identity["checkpoint"] = str(checkpoint.absolute())
         identity["synthetic"] = False
+        from exporter import hf_cache
+
+        snapshot = hf_cache.snapshot_info(checkpoint)
+        if snapshot is not None:
+            identity["hf_snapshot"] = snapshot
     return LoadedModel(wrapper=wrapper, config=config, identity=identity)
 
 
@@ -204,9 +229,10 @@ def reload_from_identity(manifest: dict[str, Any]) -> LoadedModel:
         spec = ModelSpec(model=identity["model"], synthetic_weights=True, seed=int(weights.split(":", 1)[1]),
                          config=manifest["model_config"])
     else:
+        source = identity.get("t5_source") or {}
         spec = ModelSpec(model=identity["model"], checkpoint=identity.get("checkpoint"),
-                         config=manifest["model_config"],
-                         t5=identity["t5"].split(":", 1)[1] if identity["t5"].startswith("dir:") else None)
+                         config=manifest["model_config"], t5=source.get("path"),
+                         t5_tokenizer=source.get("tokenizer"))
     loaded = load_model(spec)
     for key in ("config_sha256", "weights"):
         if loaded.identity[key] != identity[key]:
