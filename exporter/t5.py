@@ -158,16 +158,15 @@ def cache_repos(name: str) -> list[str]:
     return [name] if "/" in name else [name, f"google-t5/{name}"]
 
 
-def _from_cache(name: str, near: Path | None) -> T5Source:
-    """A Stable Audio snapshot's own text_encoder/ + tokenizer/ (beside `near`, the checkpoint), else
-    the T5 named in the config in the Hugging Face cache."""
-    from exporter import hf_cache
+def _from_cache(name: str, bundled: tuple[Path, Path] | None) -> T5Source:
+    """The weights' own text_encoder/ + tokenizer/ (`bundled`: a Stable Audio snapshot or diffusers
+    pipeline carries T5-base there), else the T5 named in the config in the Hugging Face cache."""
+    from exporter.models import hf_cache
 
-    if near is not None:
-        base = near if near.is_dir() else near.parent
-        if (base / "text_encoder").is_dir() and (base / "tokenizer").is_dir():
-            check_t5_dir(base / "text_encoder", base / "tokenizer", "text encoder")
-            return T5Source("dir", path=str(base / "text_encoder"), tokenizer=str(base / "tokenizer"))
+    if bundled is not None:
+        encoder, tokenizer = bundled
+        check_t5_dir(encoder, tokenizer, "text encoder")
+        return T5Source("dir", path=str(encoder.absolute()), tokenizer=str(tokenizer.absolute()))
     repos = cache_repos(name)
     snap = hf_cache.find_snapshot(repos, ["config.json", "|".join(WEIGHT_FILES)])
     if snap is None:
@@ -179,7 +178,8 @@ def _from_cache(name: str, near: Path | None) -> T5Source:
 
 
 def resolve_t5_source(t5_dir: str | None, synthetic: bool, seed: int, overrides: dict[str, int] | None = None,
-                      name: str = "t5-base", near: Path | None = None, tokenizer_dir: str | None = None
+                      name: str = "t5-base", bundled: tuple[Path, Path] | None = None,
+                      tokenizer_dir: str | None = None
                       ) -> T5Source:
     """Where the text encoder comes from: synthetic, --t5 DIR, or found offline (see `_from_cache`)."""
     if synthetic:
@@ -191,4 +191,4 @@ def resolve_t5_source(t5_dir: str | None, synthetic: bool, seed: int, overrides:
         tok = Path(tokenizer_dir) if tokenizer_dir else path
         check_t5_dir(path, tok)
         return T5Source("dir", path=str(path.absolute()), tokenizer=str(tok.absolute()) if tokenizer_dir else None)
-    return _from_cache(name, near)
+    return _from_cache(name, bundled)

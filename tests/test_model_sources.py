@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 from conftest import one_line_error, run_script
-from exporter import hf_cache, presets
+from exporter.models import hf_cache, presets
 from exporter.errors import InputError
 from exporter.models import ModelSpec, config_hash, is_safetensors, load_model, reload_from_identity
 
