@@ -25,7 +25,8 @@ class WeightSource:
     weights_id: Callable[[], str]
     text_encoder: Path | None = None
     tokenizer: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # (built wrapper, what read_state returned) -> the wrapper's state dict (a layout with other key names)
+    adapt: Callable[[Any, dict[str, Any]], dict[str, Any]] = field(default=lambda _wrapper, state: state)
 
 
 def checkpoint_source(path: Path) -> WeightSource:

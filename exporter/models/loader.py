@@ -173,7 +173,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         identity["synthetic"] = True
     else:
         assert source is not None and state is not None
-        load_weights(wrapper, state, source.path)
+        load_weights(wrapper, source.adapt(wrapper, state), source.path)
         identity["weights"] = source.weights_id()
         # the path as the user (or the cache search) named it: a cache snapshot's symlink, not the blob
         identity["checkpoint"] = str(source.path.absolute())
