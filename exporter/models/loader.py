@@ -1,7 +1,7 @@
 """Build a Stable Audio Open-family model with stable-audio-tools' own factory and load its weights.
 
-Weights come from a local checkpoint (or a Hugging Face cache snapshot, offline) or, only when asked
-with `synthetic=True`, from `exporter.synthetic`, which shapes seeded random weights so that a quantizer
+Weights come from a `WeightSource` (a stable-audio-tools checkpoint or a diffusers pipeline directory, given
+or found offline in the Hugging Face cache) or, only when asked with `synthetic=True`, from `exporter.synthetic`, which shapes seeded random weights so that a quantizer
 sees what it sees in a trained DiT. Random weights are never used silently.
 """
 from __future__ import annotations
