@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from calibration.collector import ActivationCollector, BucketSpec, ObserverSettings, schedule_t
+from calibration.collector import ActivationCollector, BucketSpec, ObserverSettings
 from calibration.probes import TrajectoryProbe
 from calibration.selection import SampleRecorder, select_samples, selection_coverage
 from engines.backends import TorchBackend
@@ -40,7 +40,7 @@ class CalibrationSettings:
     buckets: int = 4
     bucket_by: str = "step"
     seconds: float = 5.0
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the model's own (its family's sampler defaults)
     seed: int = 0
     selection: str = "all"
     budget: int = 0
@@ -57,9 +57,13 @@ class CalibrationSettings:
         if self.selection != "all" and self.budget < 1:
             raise InputError(f"--selection {self.selection} needs --budget B >= 1 (prompt, timestep) samples")
 
-    def sampler(self) -> dict[str, Any]:
-        return {"sampler_type": "dpmpp-3m-sde", "steps": self.steps, "cfg_scale": self.cfg_scale,
-                "sigma_min": 0.3, "sigma_max": 500.0, "rho": 1.0, "seconds": self.seconds}
+    def sampler(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The sampler a run uses: the model's own (`defaults`, its manifest's sampler_defaults; SAO 1.0's
+        when not given) with these settings' steps, CFG and length."""
+        base = defaults or {"sampler_type": "dpmpp-3m-sde", "cfg_scale": 7.0, "sigma_min": 0.3, "sigma_max": 500.0,
+                            "rho": 1.0}
+        cfg = base["cfg_scale"] if self.cfg_scale is None else self.cfg_scale
+        return {**base, "steps": self.steps, "cfg_scale": float(cfg), "seconds": self.seconds}
 
 
 def _dist() -> tuple[int, int]:
@@ -78,14 +82,13 @@ class _Run:
 
     def __init__(self, loaded: LoadedModel, settings: CalibrationSettings, prompts: list[str], partial: Path) -> None:
         from exporter.export import runtime_spec
-        from k_diffusion.sampling import get_sigmas_polyexponential
 
         self.settings, self.prompts, self.partial = settings, prompts, partial
         spec = runtime_spec(loaded)
         self.pipeline = Pipeline(TorchBackend(loaded.wrapper, settings.device), spec)
-        s = settings.sampler()
-        sigmas = get_sigmas_polyexponential(settings.steps, s["sigma_min"], s["sigma_max"], s["rho"])[:-1]
-        self.ts = schedule_t(sigmas.tolist())
+        self.sampler = settings.sampler(spec["sampler_defaults"])
+        # the t the DiT receives under this model's objective and sampler (its family runs the sampler)
+        self.ts = loaded.family.dit_timesteps(loaded.config, self.sampler)
         make = BucketSpec.by_step if settings.bucket_by == "step" else BucketSpec.by_t
         self.buckets = make(self.ts, settings.buckets)
         dit = loaded.dit
@@ -118,8 +121,10 @@ class _Run:
     def run_prompt(self, index: int) -> None:
         self.prompt_index, self.step = index, 0
         s = self.settings
-        opts = GenerateOptions(prompt=self.prompts[index], seconds=s.seconds, steps=s.steps,
-                               cfg_scale=s.cfg_scale, seed=s.seed + index)
+        p = self.sampler
+        opts = GenerateOptions(prompt=self.prompts[index], seconds=s.seconds, steps=s.steps, cfg_scale=p["cfg_scale"],
+                               seed=s.seed + index, sampler_type=p["sampler_type"], sigma_min=p["sigma_min"],
+                               sigma_max=p["sigma_max"], rho=p["rho"])
         handle = self.dit_wrapper.register_forward_pre_hook(self._on_dit_call)
         try:
             with self.collector, self.block_collector, self.probes["range"], self.probes["map"]:
@@ -237,7 +242,7 @@ def calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSett
         tensors.update(probe.tensors(f"probe.{k}"))
     meta = {
         "model": loaded.identity,
-        "sampler": settings.sampler(),
+        "sampler": run.sampler,
         "buckets": {"count": run.buckets.count, "by": settings.bucket_by, "edges": list(run.buckets.edges),
                     "step_t": run.ts, "step_bucket": [run.buckets.bucket_of(t) for t in run.ts]},
         "prompts": {"source": prompt_source, "count": len(prompts), "sha256": artifact.prompts_hash(prompts),

@@ -1,8 +1,9 @@
 """The runtime: prompt -> text encoder -> number conditioners -> sampler loop -> VAE decode -> WAV.
 
-The sampler is stable-audio-tools' own `sample_k` (k-diffusion's VDenoiser + dpmpp-3m-sde), called the
-way `generate_diffusion_cond` calls it: same seed handling (noise drawn right after `manual_seed`,
-then the Brownian-tree seed from the same generator), same schedule, same CFG batching.
+The sampler is the model family's own (exporter.models.family): for Stable Audio Open stable-audio-tools'
+`sample_k` (k-diffusion's VDenoiser + dpmpp-3m-sde) for the v objective and `sample_rf` (pingpong) for
+SAO Small's rf_denoiser, called the way `generate_diffusion_cond` calls them: same seed handling (noise
+drawn right after `manual_seed`, later draws from the same generator), same schedule, same CFG batching.
 """
 from __future__ import annotations
 
@@ -89,8 +90,9 @@ class Pipeline:
     @torch.no_grad()
     def generate_latents(self, opts: GenerateOptions, timings: dict[str, float] | None = None) -> torch.Tensor:
         """Conditioning and the sampler loop, without the VAE (calibration needs only this part)."""
-        from stable_audio_tools.inference.sampling import sample_k
         from stable_audio_tools.models.diffusion import ConditionedDiffusionModelWrapper
+
+        from exporter.models.family import family_of
 
         opts.validate(self.max_seconds)
         timings = {} if timings is None else timings
@@ -100,14 +102,15 @@ class Pipeline:
         noise = torch.randn([1, self.dims["io_channels"], length], device=device)
         t0 = time.perf_counter()
         metadata = [{self.manifest["conditioning"]["text_id"]: opts.prompt, "seconds_start": opts.seconds_start,
-                     "seconds_total": opts.seconds}]
+                     "seconds_total": opts.seconds}]  # a conditioner the model lacks ignores its key
         tensors = self.backend.conditioning(metadata)
         inputs = ConditionedDiffusionModelWrapper.get_conditioning_inputs(self._ids, tensors)
         timings["conditioning_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        latents = sample_k(self.backend.dit, noise, None, opts.steps, sampler_type=opts.sampler_type,
-                           sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho, device=device,
-                           **inputs, cfg_scale=opts.cfg_scale, batch_cfg=True, rescale_cfg=True)
+        sampler = {"sampler_type": opts.sampler_type, "steps": opts.steps, "cfg_scale": opts.cfg_scale,
+                   "sigma_min": opts.sigma_min, "sigma_max": opts.sigma_max, "rho": opts.rho}
+        config = self.manifest["model_config"]
+        latents = family_of(config).sample(self.backend.dit, noise, sampler, inputs, config, device)
         timings["sampling_s"] = time.perf_counter() - t0
         return latents
 

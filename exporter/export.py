@@ -24,7 +24,8 @@ SCHEMES = ("fp32", "fp16")
 # An FP16 text encoder or VAE graph must stay this close to FP32 (max-relative, see onnx_export.relative_error):
 # a looser match means an overflow or a lost-digits island the precision module does not cover.
 FP16_AUX_TOLERANCE = 2e-2
-# Model-card sampler defaults of Stable Audio Open 1.0; the runtime reads them from the manifest.
+# Model-card sampler defaults of Stable Audio Open 1.0 (kept for importers); each export's manifest carries
+# its own model's defaults (`LoadedModel.family.sampler_defaults`), which the runtime reads.
 SAMPLER_DEFAULTS = {"sampler_type": "dpmpp-3m-sde", "steps": 100, "cfg_scale": 7.0, "sigma_min": 0.3,
                     "sigma_max": 500.0, "rho": 1.0}
 
@@ -51,16 +52,7 @@ class ExportOptions:
 
 
 def _conditioning_layout(loaded: LoadedModel) -> dict[str, Any]:
-    model_cfg = loaded.config["model"]
-    conds = model_cfg["conditioning"]["configs"]
-    diffusion = model_cfg["diffusion"]
-    numbers = {c["id"]: {"min_val": c["config"].get("min_val", 0), "max_val": c["config"].get("max_val", 1)}
-               for c in conds if c["type"] == "number"}
-    t5 = [c for c in conds if c["type"] == "t5"][0]
-    return {"text_id": t5["id"], "text_max_length": int(t5["config"].get("max_length", 128)),
-            "number_ids": list(numbers), "numbers": numbers,
-            "cross_attention_cond_ids": diffusion.get("cross_attention_cond_ids", []),
-            "global_cond_ids": diffusion.get("global_cond_ids", [])}
+    return loaded.family.conditioning_layout(loaded.config)
 
 
 def _dims(loaded: LoadedModel, layout: dict[str, Any]) -> dict[str, int]:
@@ -153,7 +145,7 @@ def runtime_spec(loaded: LoadedModel) -> dict[str, Any]:
     """What the runtime needs to step the sampler for this model (a subset of the export manifest)."""
     layout = _conditioning_layout(loaded)
     return {"model": loaded.identity, "model_config": loaded.config, "dims": _dims(loaded, layout),
-            "conditioning": layout, "sampler_defaults": SAMPLER_DEFAULTS}
+            "conditioning": layout, "sampler_defaults": loaded.family.sampler_defaults(loaded.config)}
 
 
 def export_model(loaded: LoadedModel, out: Path, options: ExportOptions,
@@ -163,8 +155,8 @@ def export_model(loaded: LoadedModel, out: Path, options: ExportOptions,
     `stages` run in order inside the temporary directory after the FP32/FP16 graphs passed parity and
     before the manifest is written (quantization, the accuracy report); each may change files and the
     manifest. Any failure leaves no export behind."""
-    spec = runtime_spec(loaded)
-    layout, dims = spec["conditioning"], spec["dims"]
+    runtime = runtime_spec(loaded)
+    layout, dims = runtime["conditioning"], runtime["dims"]
     started = time.time()
     with atomic_dir(Path(out)) as tmp:
         specs, references = _specs(loaded, options, dims, layout)
@@ -199,7 +191,7 @@ def export_model(loaded: LoadedModel, out: Path, options: ExportOptions,
             "scheme": options.scheme,
             "dims": dims,
             "conditioning": layout,
-            "sampler_defaults": SAMPLER_DEFAULTS,
+            "sampler_defaults": runtime["sampler_defaults"],
             "graphs": entries,
             "parity": {"max_rel_error": dit_parity["max_rel_error"], "max_abs_error": dit_parity["max_abs_error"],
                        "graph": "dit", "latent_lengths": list(options.parity_lengths),

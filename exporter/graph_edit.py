@@ -91,10 +91,28 @@ def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 
+def drop_stale_value_info(model: onnx.ModelProto) -> int:
+    """Keep `value_info` only for tensors a node of the graph produces; returns the count dropped.
+
+    The dynamo exporter also lists initializers there. A tool that rewrites an initializer (ONNX
+    Runtime's quantizer re-lays a Gemm weight, then runs strict shape inference) contradicts such an
+    entry and fails; entries for tensors a pass removed are stale the same way."""
+    graph = model.graph
+    produced = {name for node in graph.node for name in node.output}
+    fixed = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    keep = [vi for vi in graph.value_info if vi.name in produced and vi.name not in fixed]
+    dropped = len(graph.value_info) - len(keep)
+    if dropped:
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    return dropped
+
+
 def save(model: onnx.ModelProto, path: Path, limit: int) -> list[str]:
-    """Save `model`; weights go to `<name>.data` beside it when they pass `limit` bytes (protobuf's
-    2 GB ceiling). Returns the files written."""
+    """Save `model` (without stale value_info); weights go to `<name>.data` beside it when they pass
+    `limit` bytes (protobuf's 2 GB ceiling). Returns the files written."""
     path = Path(path)
+    drop_stale_value_info(model)
     external = weight_bytes(model) > limit
     onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
               location=path.name + ".data", size_threshold=1024)

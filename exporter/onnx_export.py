@@ -3,7 +3,8 @@
 Uses the dynamo exporter (`torch.onnx.export(dynamo=True)`): the legacy TorchScript exporter cannot
 trace stable-audio-tools' `F.layer_norm(x, x.shape[-1:])` with a dynamic length. Opset 21 (INT4
 block-wise Q/DQ needs it later), IR version capped at 10 (onnx 1.23 writes IR 14 by default, which
-onnxruntime 1.31 refuses), external data when a graph's weights pass 2 GB (the protobuf limit).
+onnxruntime 1.31 refuses), external data when a graph's weights pass 2 GB (the protobuf limit), and no
+value_info for initializers (graph_edit.drop_stale_value_info: ONNX Runtime's quantizer fails on them).
 """
 from __future__ import annotations
 
@@ -71,11 +72,13 @@ def export_graph(spec: GraphSpec, path: Path) -> dict[str, Any]:
         torch.onnx.export(spec.module, spec.example, str(path), input_names=list(spec.input_names),
                           output_names=list(spec.output_names), opset_version=OPSET, dynamo=True,
                           dynamic_shapes=_dynamic_shapes(spec), external_data=external, verbose=False)
+    from exporter.graph_edit import drop_stale_value_info, weight_bytes as graph_weight_bytes
+
     model = onnx.load(str(path), load_external_data=False)
-    if model.ir_version > IR_VERSION:
-        model.ir_version = IR_VERSION
-        onnx.save(model, str(path))
-    from exporter.graph_edit import weight_bytes as graph_weight_bytes
+    dropped = drop_stale_value_info(model)  # other ONNX tools' shape inference trips over them
+    if model.ir_version > IR_VERSION or dropped:
+        model.ir_version = min(model.ir_version, IR_VERSION)
+        onnx.save(model, str(path))  # external data, if any, stays where the exporter wrote it
 
     graph_bytes = graph_weight_bytes(model)
     files = [path.name] + ([p.name for p in path.parent.glob(path.name + ".data")] if external else [])

@@ -18,10 +18,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="sao-mini", help="preset: sao-mini (default) or stable-audio-open")
+    parser.add_argument("--model", default="sao-mini",
+                        help="preset: sao-mini (default), stable-audio-open or stable-audio-open-small")
     parser.add_argument("--model-config", help="a stable-audio-tools model_config.json of the SAO family")
-    parser.add_argument("--checkpoint", help="model.safetensors / model.ckpt (model_config.json beside it) or a "
-                                             "snapshot directory; default: the Hugging Face cache, offline")
+    parser.add_argument("--checkpoint", help="model.safetensors / model.ckpt (model_config.json beside it), a "
+                                             "snapshot directory or a diffusers StableAudioPipeline directory; "
+                                             "default: the Hugging Face cache, offline")
     parser.add_argument("--t5", help="directory of a saved T5 encoder + tokenizer (default: HF cache, offline)")
     parser.add_argument("--synthetic-weights", action="store_true",
                         help="seeded synthetic weights shaped like a trained model (DiT, T5, VAE); never implicit")

@@ -25,7 +25,7 @@ def main() -> int:
     parser.add_argument("--buckets", type=int, default=4, help="timestep buckets")
     parser.add_argument("--bucket-by", default="step", help="step (equal steps per bucket) or t (equal t width)")
     parser.add_argument("--seconds", type=float, default=5.0, help="audio length the sampler runs at")
-    parser.add_argument("--cfg-scale", type=float, default=7.0)
+    parser.add_argument("--cfg-scale", type=float, default=None, help="default: the model's (SAO 7, SAO Small 1)")
     parser.add_argument("--selection", default="all", help="all, uniform, random or activation-aware")
     parser.add_argument("--budget", type=int, default=0, help="(prompt, step) samples kept by --selection")
     parser.add_argument("--calib-seed", type=int, default=0, help="seed of prompts, noise and selection")

@@ -43,6 +43,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=why))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_hf_home(tmp_path_factory):
+    """No test sees the developer's real Hugging Face cache (a cached SAO checkpoint would turn "no
+    weights" cases into real exports); a test that needs a cache builds one under $HF_HOME."""
+    home = tmp_path_factory.mktemp("hf_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(home))
+        mp.delenv("HF_HUB_CACHE", raising=False)
+        yield home
+
+
 @pytest.fixture(scope="session")
 def mini():
     from exporter.models import ModelSpec, load_model
@@ -59,9 +70,10 @@ def mini_export(mini, tmp_path_factory):
     return out, manifest
 
 
-def run_script(name: str, *args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run one of scripts/*.py in a subprocess with this interpreter."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_script(name: str, *args: str, cwd: Path | None = None, timeout: int = 900,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run one of scripts/*.py in a subprocess with this interpreter (`env` adds variables)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or ROOT, env=env)
 

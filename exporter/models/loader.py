@@ -1,7 +1,7 @@
 """Build a Stable Audio Open-family model with stable-audio-tools' own factory and load its weights.
 
-Weights come from a local checkpoint (or a Hugging Face cache snapshot, offline) or, only when asked
-with `synthetic=True`, from `exporter.synthetic`, which shapes seeded random weights so that a quantizer
+Weights come from a `WeightSource` (a stable-audio-tools checkpoint or a diffusers pipeline directory, given
+or found offline in the Hugging Face cache) or, only when asked with `synthetic=True`, from `exporter.synthetic`, which shapes seeded random weights so that a quantizer
 sees what it sees in a trained DiT. Random weights are never used silently.
 """
 from __future__ import annotations
@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibration.artifact import sha256_file
-from exporter import presets
 from exporter.errors import InputError
+from exporter.models import presets
+from exporter.models.checkpoint import CKPT_NAMES, WeightSource, checkpoint_source, load_weights
+from exporter.models.family import family_of
 from exporter.t5 import T5Source, resolve_t5_source, t5_source
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 log = logging.getLogger(__name__)
 
-SAO_REPO = "stabilityai/stable-audio-open-1.0"
-CKPT_NAMES = ("model.safetensors", "model.ckpt")
+SAO_REPO = presets.HUB_REPOS["stable-audio-open"]
 
 
 @dataclass
@@ -36,6 +36,7 @@ class ModelSpec:
     model_config: str | None = None
     checkpoint: str | None = None
     t5: str | None = None
+    t5_tokenizer: str | None = None  # a tokenizer directory apart from --t5 (a snapshot's tokenizer/)
     synthetic_weights: bool = False
     seed: int = 0
     config: dict[str, Any] | None = None  # a config dict taking precedence over model/model_config
@@ -58,84 +59,63 @@ class LoadedModel:
         return self.wrapper.conditioner.conditioners[ids[0]]
 
     @property
+    def family(self):
+        """This model's family (objective, sampler defaults, conditioning layout; exporter.models.family)."""
+        return family_of(self.config)
+
+    @property
     def sample_rate(self) -> int:
         return int(self.config["sample_rate"])
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    """sha256 of what defines the network: the config's `model` section (and quadit's synthetic-T5
+    shape, when present). A published model_config.json also carries `training` (and top-level sample
+    fields); a calibration made from the preset must match an export made from that file."""
+    keyed = {"model": config.get("model")}
+    if "quadit" in config:
+        keyed["quadit"] = config["quadit"]
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
-def _find_in_hf_cache() -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in CKPT_NAMES:
-        hit = try_to_load_from_cache(SAO_REPO, name)
-        if isinstance(hit, str) and Path(hit).is_file():
-            return Path(hit)
-    return None
+def resolve_source(spec: ModelSpec) -> WeightSource:
+    """The weights, from --checkpoint (a file, a snapshot directory, a diffusers StableAudioPipeline
+    directory) or found offline in the Hugging Face cache under the preset's hub repository."""
+    from exporter.models import diffusers_layout, hf_cache
+
+    if spec.checkpoint:
+        path = Path(spec.checkpoint)
+        if path.is_dir() and diffusers_layout.is_pipeline_dir(path):
+            return diffusers_layout.pipeline_source(path)
+        return checkpoint_source(path)
+    repo = presets.HUB_REPOS.get(spec.model, presets.HUB_REPOS["stable-audio-open"])
+    snap = hf_cache.find_snapshot([repo], ["|".join(CKPT_NAMES)])
+    if snap is not None:
+        return checkpoint_source(snap)
+    snap = hf_cache.find_snapshot([repo], [diffusers_layout.MODEL_INDEX, "transformer/config.json"])
+    if snap is not None:
+        return diffusers_layout.pipeline_source(snap)
+    raise InputError(
+        f"no weights for {spec.model}: pass --checkpoint PATH (model.safetensors or model.ckpt with "
+        f"model_config.json beside it, or a diffusers pipeline directory), put {repo} in the Hugging Face "
+        f"cache, or run with --synthetic-weights")
 
 
 def resolve_checkpoint(spec: ModelSpec) -> Path:
-    """A checkpoint file, from --checkpoint (file or snapshot directory) or the HF cache."""
-    if spec.checkpoint:
-        path = Path(spec.checkpoint)
-        if path.is_dir():
-            found = [path / n for n in CKPT_NAMES if (path / n).is_file()]
-            if not found:
-                raise InputError(f"--checkpoint {path} holds neither {' nor '.join(CKPT_NAMES)}")
-            path = found[0]
-        if not path.is_file():
-            raise InputError(f"checkpoint not found: {path}")
-        return path
-    hit = _find_in_hf_cache()
-    if hit is None:
-        raise InputError(
-            f"no weights for {spec.model}: pass --checkpoint PATH (model.safetensors or model.ckpt with "
-            f"model_config.json beside it), put {SAO_REPO} in the Hugging Face cache, "
-            f"or run with --synthetic-weights")
-    return hit
+    """The checkpoint path (file or pipeline directory) `load_model` would read."""
+    return resolve_source(spec).path
 
 
-def _read_state_dict(path: Path) -> dict[str, Any]:
-    import torch
-
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        return state.get("state_dict", state) if isinstance(state, dict) else state
-    except Exception as exc:  # safetensors/pickle/zip all raise their own types on a bad file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"checkpoint {path} is corrupt or unreadable: {first}") from None
-
-
-def _load_weights(wrapper: Any, state: dict[str, Any], path: Path) -> None:
-    result = wrapper.load_state_dict(state, strict=False)
-    # T5Conditioner keeps its encoder outside the module tree, so T5 weights saved inside a checkpoint
-    # are not the wrapper's keys; the encoder comes from --t5 or the HF cache instead.
-    t5_keys = tuple(f"conditioner.conditioners.{name}.model." for name, c in wrapper.conditioner.conditioners.items()
-                    if hasattr(c, "tokenizer"))
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(t5_keys)]
-    missing = list(result.missing_keys)
-    if missing or unexpected:
-        raise InputError(
-            f"checkpoint {path} does not match the model config: {len(missing)} missing keys "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-
-
-def _model_config(spec: ModelSpec, checkpoint: Path | None) -> dict[str, Any]:
+def _model_config(spec: ModelSpec, source: WeightSource | None) -> dict[str, Any]:
+    """--model-config, else the config the weights carry, else the preset; checked by its family."""
     if spec.config is not None:
-        presets.validate_sao_family(spec.config)
+        family_of(spec.config)
         return copy.deepcopy(spec.config)
     if spec.model_config:
         return presets.load_config_file(Path(spec.model_config))
-    if checkpoint is not None and (checkpoint.parent / "model_config.json").is_file():
-        return presets.load_config_file(checkpoint.parent / "model_config.json")
+    if source is not None and source.config is not None:
+        family_of(source.config, f"the model config of {source.path}")
+        return copy.deepcopy(source.config)
     return presets.preset_config(spec.model)
 
 
@@ -163,23 +143,28 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     """The model the user asked for, with an identity record for every artifact's manifest."""
     if spec.model not in presets.PRESETS and not (spec.model_config or spec.config):
         raise InputError(f"unknown model '{spec.model}' (choose from: {', '.join(presets.PRESETS)})")
-    checkpoint = None
+    source = None
     if not spec.synthetic_weights:
         if spec.model == "sao-mini" and not spec.checkpoint:
             raise InputError("sao-mini has no published weights: run it with --synthetic-weights "
                              "(or give --checkpoint for a model trained with this config)")
-        checkpoint = resolve_checkpoint(spec)
-    config = _model_config(spec, checkpoint)
+        source = resolve_source(spec)
+    config = _model_config(spec, source)
     state = None
-    if checkpoint is not None:  # read (and so validate) the checkpoint before the slow model build
-        state = _read_state_dict(checkpoint)
+    if source is not None:  # read (and so validate) the weights before the slow model build
+        state = source.read_state(config)
         if not isinstance(state, dict) or not state:
-            raise InputError(f"checkpoint {checkpoint} holds no state dict")
+            raise InputError(f"checkpoint {source.path} holds no state dict")
     overrides = config.get("quadit", {}).get("synthetic_t5", {})
-    t5 = resolve_t5_source(spec.t5, spec.synthetic_weights, spec.seed, overrides)
+    t5_name = [c for c in config["model"]["conditioning"]["configs"] if c["type"] == "t5"][0]["config"].get(
+        "t5_model_name", "t5-base")
+    bundled = (source.text_encoder, source.tokenizer) if source is not None and source.text_encoder else None
+    t5 = resolve_t5_source(spec.t5, spec.synthetic_weights, spec.seed, overrides, name=t5_name, bundled=bundled,
+                           tokenizer_dir=spec.t5_tokenizer)
     log.info("building %s (%s weights)", spec.model, "synthetic" if spec.synthetic_weights else "checkpoint")
     wrapper = build(config, t5, spec.seed)
-    identity: dict[str, Any] = {"model": spec.model, "config_sha256": config_hash(config), "t5": t5.describe()}
+    identity: dict[str, Any] = {"model": spec.model, "config_sha256": config_hash(config), "t5": t5.describe(),
+                                "t5_source": t5.to_json()}
     if spec.synthetic_weights:
         from exporter.synthetic import shape_like_trained
 
@@ -187,11 +172,18 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         identity["weights"] = f"synthetic:{spec.seed}"
         identity["synthetic"] = True
     else:
-        assert checkpoint is not None and state is not None
-        _load_weights(wrapper, state, checkpoint)
-        identity["weights"] = f"sha256:{sha256_file(checkpoint)}"
-        identity["checkpoint"] = str(checkpoint.resolve())
+        assert source is not None and state is not None
+        load_weights(wrapper, source.adapt(wrapper, state), source.path)
+        identity["weights"] = source.weights_id()
+        # the path as the user (or the cache search) named it: a cache snapshot's symlink, not the blob
+        identity["checkpoint"] = str(source.path.absolute())
+        identity["layout"] = source.layout
         identity["synthetic"] = False
+        from exporter.models import hf_cache
+
+        snapshot = hf_cache.snapshot_info(source.path)
+        if snapshot is not None:
+            identity["hf_snapshot"] = snapshot
     return LoadedModel(wrapper=wrapper, config=config, identity=identity)
 
 
@@ -204,9 +196,10 @@ def reload_from_identity(manifest: dict[str, Any]) -> LoadedModel:
         spec = ModelSpec(model=identity["model"], synthetic_weights=True, seed=int(weights.split(":", 1)[1]),
                          config=manifest["model_config"])
     else:
+        source = identity.get("t5_source") or {}
         spec = ModelSpec(model=identity["model"], checkpoint=identity.get("checkpoint"),
-                         config=manifest["model_config"],
-                         t5=identity["t5"].split(":", 1)[1] if identity["t5"].startswith("dir:") else None)
+                         config=manifest["model_config"], t5=source.get("path"),
+                         t5_tokenizer=source.get("tokenizer"))
     loaded = load_model(spec)
     for key in ("config_sha256", "weights"):
         if loaded.identity[key] != identity[key]:
