@@ -177,7 +177,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             raise InputError(f"checkpoint {checkpoint} holds no state dict")
     overrides = config.get("quadit", {}).get("synthetic_t5", {})
     t5 = resolve_t5_source(spec.t5, spec.synthetic_weights, spec.seed, overrides)
-    log.info("building %s (%s weights)", spec.model, "synthetic" if spec.synthetic_weights else "checkpoint")
+    log.info("building %s (%s weights)", f"'{spec.model}' from {spec.model_config}" if spec.model_config else spec.model,
+             "synthetic" if spec.synthetic_weights else "checkpoint")
     wrapper = build(config, t5, spec.seed)
     identity: dict[str, Any] = {"model": spec.model, "config_sha256": config_hash(config), "t5": t5.describe()}
     if spec.synthetic_weights:
