@@ -291,6 +291,9 @@ def main() -> int:
         raise InputError(f"--lengths {args.lengths!r} is not a comma-separated list of latent lengths") from None
     if min(lengths) < 1:
         raise InputError(f"--lengths {args.lengths!r}: latent lengths must be >= 1")
+    if args.runs < 1 or args.warmup < 0 or args.e2e_steps == 1 or args.e2e_steps < 0:
+        raise InputError(f"need --runs >= 1, --warmup >= 0 and --e2e-steps 0 or >= 2 (got {args.runs}, "
+                         f"{args.warmup}, {args.e2e_steps})")
     names = [n for n in args.candidates.split(",") if n]
     if unknown := [n for n in names if n not in CANDIDATES]:
         raise InputError(f"unknown candidates {unknown} (choose from: {', '.join(CANDIDATES)})")
