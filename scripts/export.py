@@ -92,6 +92,25 @@ def _check_counts(args: argparse.Namespace) -> None:
             raise InputError(f"{option} must be >= {least}, got {value}")
 
 
+def _calibration_prompts(args: argparse.Namespace, prompts: list[str] | None) -> list[str]:
+    """The calibration prompts (`prompts` from an artifact, else the seed prompts calibrated on here), once
+    the report is known to find enough held-out prompts beside them."""
+    from calibration.prompts import select_prompts
+    from engines.accuracy import AccuracySettings, heldout_prompts
+    from exporter.errors import InputError
+
+    try:
+        prompts = prompts if prompts is not None else select_prompts("seed", args.calib_prompts)
+    except ValueError as exc:
+        raise InputError(f"--calib-prompts {args.calib_prompts}: {exc}") from None
+    if args.report_prompts > 0:
+        try:
+            heldout_prompts(prompts, args.report_prompts, AccuracySettings.heldout_seed)
+        except ValueError as exc:
+            raise InputError(f"--report-prompts {args.report_prompts}: {exc}") from None
+    return prompts
+
+
 def main() -> int:
     args = _arguments().parse_args()
     setup_logging(args.verbose)
@@ -110,17 +129,19 @@ def main() -> int:
         quant = QuantizeOptions(_recipe(args), args.target, args.dynamic_kernel)  # refuses bad targets up front
     if args.calibration and not Path(args.calibration).is_dir():
         raise InputError(f"--calibration {args.calibration} is not a directory")
+    cal_prompts = None
     if quant is not None:
         from engines.providers import check_torch_device
 
         _check_counts(args)
         check_torch_device(args.device)
+        if not args.calibration:
+            cal_prompts = _calibration_prompts(args, None)
     loaded = load_model(model_spec(args))
     scratch = Path(tempfile.mkdtemp(prefix="quadit-export-"))
     try:
         if quant is not None:
-            from calibration.prompts import select_prompts
-            from engines.accuracy import AccuracySettings, heldout_prompts
+            from engines.accuracy import AccuracySettings
             from engines.calibrate import CalibrationSettings
             from engines.compare import report_stage
             from engines.durations import pick_seconds
@@ -128,17 +149,14 @@ def main() -> int:
 
             # every option is checked against the model before calibration, quantization or the report start
             calibration = read_calibration(Path(args.calibration), loaded) if args.calibration else None
-            cal_prompts = calibration.meta["prompts"]["list"] if calibration else select_prompts("seed", args.calib_prompts)
+            if calibration is not None:
+                cal_prompts = _calibration_prompts(args, calibration.meta["prompts"]["list"])
             calib_seconds = None if calibration else pick_seconds(
                 "--calib-seconds", args.calib_seconds, CalibrationSettings.seconds, loaded.config, "calibration")
             report = None
             if args.report_prompts > 0:
                 report = AccuracySettings(prompts=args.report_prompts, steps=args.report_steps, seconds=pick_seconds(
                     "--report-seconds", args.report_seconds, AccuracySettings.seconds, loaded.config, "accuracy report"))
-                try:
-                    heldout_prompts(cal_prompts, report.prompts, report.heldout_seed)
-                except ValueError as exc:
-                    raise InputError(f"--report-prompts {args.report_prompts}: {exc}") from None
             if calibration is None:
                 calibration = read_calibration(_calibrate(loaded, args, cal_prompts, calib_seconds, scratch), loaded)
             stages.append(quantize_stage(loaded, calibration, quant, scratch))

@@ -88,6 +88,7 @@ def test_short_window_calibrate_runs_with_default_duration_and_logs_choice_and_e
     ("export.py", ["--scheme", "w8a8", "--report-seconds", "3"], "--report-seconds 3.0 is longer than this model's"),
     ("export.py", ["--scheme", "w8a8", "--report-prompts", "300"], "--report-prompts 300: only"),
     ("export.py", ["--scheme", "w8a8", "--calib-steps", "1"], "--calib-steps must be >= 2"),
+    ("export.py", ["--scheme", "w8a8", "--calib-prompts", "400"], "--calib-prompts 400: the seed list has 261"),
 ])
 def test_options_the_model_cannot_take_fail_before_work_on_their_own_line(tmp_path, script, args, expected):
     config = short_window_config(tmp_path / "model_config.json")
