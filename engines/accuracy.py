@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,15 +44,18 @@ class AccuracySettings:
 
 
 class TorchSession:
-    """A PyTorch DiT graph module (x, t, cross_attn_cond, global_embed -> v) behind ORT's `run`."""
+    """A PyTorch DiT graph module (x, t, cross_attn_cond, global_embed -> v) behind ORT's `run`, on the
+    module's device (feeds are moved there, outputs come back to the CPU)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module.eval()
+        self.device = next(iter(module.parameters())).device
 
     def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad():
-            v = self.module(*(torch.from_numpy(feeds[k]) for k in ("x", "t", "cross_attn_cond", "global_embed")))
-        return [v.float().numpy()]
+            v = self.module(*(torch.from_numpy(feeds[k]).to(self.device)
+                              for k in ("x", "t", "cross_attn_cond", "global_embed")))
+        return [v.float().cpu().numpy()]
 
 
 @dataclass
@@ -99,9 +103,28 @@ def _with_dit(pipeline: Pipeline, dit: Any) -> Pipeline:
     return Pipeline(backend, pipeline.manifest)
 
 
-def capture(pipeline: Pipeline, reference: Any, prompts: Sequence[str], settings: AccuracySettings
-            ) -> list[Trajectory]:
-    """Run the sampler with the FP32 `reference` session; keep every DiT input and the final latents."""
+class TimedSession:
+    """A session whose first `run` is timed and handed to `on_first` (a stage's time estimate)."""
+
+    def __init__(self, session: Any, on_first: Callable[[float], None]) -> None:
+        self.session, self.on_first = session, on_first
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.on_first is None:
+            return self.session.run(outputs, feeds)
+        t0 = time.perf_counter()
+        out = self.session.run(outputs, feeds)
+        callback, self.on_first = self.on_first, None
+        callback(time.perf_counter() - t0)
+        return out
+
+
+def capture(pipeline: Pipeline, reference: Any, prompts: Sequence[str], settings: AccuracySettings,
+            on_first_step: Callable[[float], None] | None = None) -> list[Trajectory]:
+    """Run the sampler with the FP32 `reference` session; keep every DiT input and the final latents.
+    `on_first_step` gets the first DiT step's time (for the stage's estimate)."""
+    if on_first_step is not None:
+        reference = TimedSession(reference, on_first_step)
     out = []
     for i, prompt in enumerate(tqdm(prompts, desc="reference trajectories", unit="prompt")):
         traj = Trajectory(prompt, settings.seed + i)

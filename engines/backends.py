@@ -97,32 +97,42 @@ class BucketedSession:
         return self.sessions[self.spec.bucket_of(float(t[0]))].run(outputs, feeds)
 
 
-def dit_session(export_dir: Path, entry: dict[str, Any]) -> Any:
-    """The DiT of an export as one session-like object (several bucket graphs -> BucketedSession)."""
-    from exporter.onnx_export import ort_session
+def dit_session(export_dir: Path, entry: dict[str, Any], device: str = "cpu") -> Any:
+    """The DiT of an export as one session-like object (several bucket graphs -> BucketedSession), on
+    `device` (`engines.providers`)."""
+    from engines.providers import session
 
     config = entry.get("ort_session_config") or {}
+    int8 = entry.get("precision", "fp32") not in ("fp32", "fp16")  # Q/DQ graphs: TensorRT EP may build INT8
     if entry.get("buckets"):
-        return BucketedSession([ort_session(Path(export_dir) / b["file"], config) for b in entry["buckets"]],
-                               entry["bucket_edges"])
-    return ort_session(Path(export_dir) / entry["file"], config)
+        return BucketedSession([session(Path(export_dir) / b["file"], config, device, int8)
+                                for b in entry["buckets"]], entry["bucket_edges"])
+    return session(Path(export_dir) / entry["file"], config, device, int8)
+
+
+def session_providers(sess: Any) -> list[str]:
+    """The execution providers a session (or the first graph of a BucketedSession) runs with."""
+    return list(getattr(sess, "sessions", [sess])[0].get_providers())
 
 
 class OrtBackend:
-    """All graphs of an export directory in ONNX Runtime sessions (CPU)."""
+    """All graphs of an export directory in ONNX Runtime sessions on `device` (`engines.providers`);
+    `providers` records, per graph, the execution providers its session runs with."""
 
     name = "onnxruntime"
 
-    def __init__(self, export_dir: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, export_dir: Path, manifest: dict[str, Any], device: str = "cpu") -> None:
         from transformers import AutoTokenizer
 
-        from exporter.onnx_export import ort_session
+        from engines.providers import session
 
         self.manifest = manifest
         self.layout = manifest["conditioning"]
         graphs = manifest["graphs"]
-        self.sessions = {name: ort_session(Path(export_dir) / g["file"]) for name, g in graphs.items() if name != "dit"}
-        self.sessions["dit"] = dit_session(Path(export_dir), graphs["dit"])
+        self.sessions = {name: session(Path(export_dir) / g["file"], device=device)
+                         for name, g in graphs.items() if name != "dit"}
+        self.sessions["dit"] = dit_session(Path(export_dir), graphs["dit"], device)
+        self.providers = {name: session_providers(s) for name, s in self.sessions.items()}
         self.tokenizer = AutoTokenizer.from_pretrained(str(Path(export_dir) / "tokenizer"), local_files_only=True)
         self.dit = OrtDiT(self.sessions["dit"])
 

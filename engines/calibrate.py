@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from calibration.collector import ActivationCollector, BucketSpec, ObserverSetti
 from calibration.probes import TrajectoryProbe
 from calibration.selection import SampleRecorder, select_samples, selection_coverage
 from engines.backends import TorchBackend
+from engines.estimate import log_estimate
 from engines.runtime import GenerateOptions, Pipeline
 from exporter.errors import InputError
 from exporter.layers import quantizable_linears, transformer_blocks
@@ -108,8 +110,17 @@ class _Run:
         self.step = 0
         self.active: Callable[[int, int], bool] = lambda p, s: True
         self.prompt_index = 0
+        # called once with the wall time of the first sampler step (DiT call 0 to call 1) of this run
+        self.on_first_step: Callable[[float], None] | None = None
+        self._step0 = 0.0
 
     def _on_dit_call(self, _module, args) -> None:
+        if self.on_first_step is not None:
+            if self.step == 0:
+                self._step0 = time.perf_counter()
+            elif self.step == 1:
+                callback, self.on_first_step = self.on_first_step, None
+                callback(time.perf_counter() - self._step0)
         t = float(args[1].reshape(-1)[0])
         active = self.active(self.prompt_index, self.step)
         self.collector.begin_step(self.step, t, active, self.prompt_index)
@@ -152,7 +163,8 @@ class _Run:
 
 def _loop(run: _Run, indices: list[int], tag: str, key: str, rank: int,
           extra: Callable[[], dict[str, torch.Tensor]] | None = None,
-          restore: Callable[[dict[str, torch.Tensor]], None] | None = None) -> None:
+          restore: Callable[[dict[str, torch.Tensor]], None] | None = None, shorten: str = "",
+          note: str = "") -> None:
     """Run `indices` prompt by prompt, saving state after each; resume from a matching saved state."""
     from safetensors.torch import load_file, save_file
 
@@ -169,6 +181,10 @@ def _loop(run: _Run, indices: list[int], tag: str, key: str, rank: int,
             done = progress["done"]
             log.info("resuming %s: %d of %d prompts already done", tag, len(done), len(indices))
     todo = [i for i in indices if i not in set(done)]
+    if todo and rank == 0:
+        steps = run.settings.steps
+        run.on_first_step = lambda s: log_estimate(f"calibrate[{tag}]", s, len(todo) * steps,
+                                                   f"{len(todo)} prompts x {steps} steps{note}", shorten)
     bar = tqdm(total=len(indices), initial=len(done), desc=f"calibrate[{tag}]", unit="prompt",
                disable=rank != 0)
     for index in todo:
@@ -192,8 +208,21 @@ def run_key(settings: CalibrationSettings, prompts: list[str], identity: dict[st
 
 
 def calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSettings, out: Path,
-              prompt_source: str, extra_meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Collect the statistics and (rank 0) write the artifact, plots and summary to `out` atomically."""
+              prompt_source: str, extra_meta: dict[str, Any] | None = None, shorten: str = ""
+              ) -> dict[str, Any] | None:
+    """Collect the statistics and (rank 0) write the artifact, plots and summary to `out` atomically.
+    The first sampler step is timed and the run's total logged, with `shorten` (the caller's options that
+    shorten it). The model runs on `settings.device` and is back on the CPU afterwards (the export needs
+    it there)."""
+    try:
+        return _calibrate(loaded, prompts, settings, out, prompt_source, extra_meta, shorten)
+    finally:
+        if settings.device != "cpu":
+            loaded.wrapper.to("cpu")
+
+
+def _calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSettings, out: Path,
+               prompt_source: str, extra_meta: dict[str, Any] | None, shorten: str) -> dict[str, Any] | None:
     from calibration import artifact
     from calibration.report import write_report
     from exporter.artifacts import atomic_dir
@@ -213,7 +242,8 @@ def calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSett
     selection_meta: dict[str, Any] = {"method": settings.selection, "budget": settings.budget}
     if settings.selection != "all":
         recorder = SampleRecorder(list(run.layers), run.buckets, run.collector)
-        _loop(run, mine, "pass1", key, rank, extra=recorder.state, restore=recorder.load)
+        _loop(run, mine, "pass1", key, rank, extra=recorder.state, restore=recorder.load, shorten=shorten,
+              note="; then a second pass over the selected prompts")
         full = dict(run.collector.state)
         # Every method at the same budget, once each: the chosen one is used, all are reported.
         selections = {m: select_samples(m, recorder, full, settings.budget, len(prompts), settings.steps,
@@ -226,7 +256,7 @@ def calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSett
         chosen_set = set(chosen)
         run.active = lambda p, s: (p, s) in chosen_set
         mine = sorted({p for p, _ in chosen})
-    _loop(run, mine, "stats", key, rank)
+    _loop(run, mine, "stats", key, rank, shorten=shorten)
     if world > 1:
         run.collector.all_reduce(list(run.layers))
         run.block_collector.all_reduce(list(run.blocks))

@@ -114,15 +114,19 @@ class DiTSessionRunner(BaseRunner):
     """The export's DiT as quadit runs it in ONNX Runtime (`engines.backends.dit_session`: the manifest's
     `ort_session_config`, per-bucket graphs behind one `run`) as a Polygraphy runner."""
 
-    def __init__(self, export_dir: Path, entry: dict[str, Any], name: str | None = None) -> None:
+    def __init__(self, export_dir: Path, entry: dict[str, Any], name: str | None = None, device: str = "cpu") -> None:
         super().__init__(name=name, prefix="quadit-dit-onnxrt")
-        self.export_dir, self.entry = Path(export_dir), entry
+        self.export_dir, self.entry, self.device = Path(export_dir), entry, device
+        self.providers: list[str] = []
 
     def activate_impl(self) -> None:
-        from engines.backends import dit_session
+        from engines.backends import dit_session, session_providers
 
         try:
-            self.session = dit_session(self.export_dir, self.entry)
+            self.session = dit_session(self.export_dir, self.entry, self.device)
+            self.providers = session_providers(self.session)
+        except InputError:
+            raise
         except Exception as exc:  # onnxruntime's own error types: a graph it cannot load is bad input
             raise InputError(f"ONNX Runtime cannot load the DiT of {self.export_dir}: "
                              f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
@@ -230,11 +234,16 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def run_checks(export_dir: Path, engines_dir: Path | None = None, fp32_onnx: Path | None = None) -> dict[str, Any]:
-    """Compare the export's DiT (ONNX Runtime; TensorRT engines when `engines_dir` is given and TensorRT
-    runs here) with FP32 on the saved check inputs; writes and returns `check_report.json`.
+def run_checks(export_dir: Path, engines_dir: Path | None = None, fp32_onnx: Path | None = None,
+               device: str = "cpu") -> dict[str, Any]:
+    """Compare the export's DiT (ONNX Runtime on `device`, see `engines.providers`; TensorRT engines when
+    `engines_dir` is given and TensorRT runs here) with FP32 on the saved check inputs; writes and returns
+    `check_report.json`, which records the ORT providers used.
     Polygraphy's own log is shown only when this module logs at DEBUG (`scripts/check.py -v`)."""
+    from engines.providers import providers_for
     from exporter.recipe import Recipe
+
+    providers_for(device)  # a device this onnxruntime cannot run on is refused before any work
 
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
@@ -258,7 +267,8 @@ def run_checks(export_dir: Path, engines_dir: Path | None = None, fp32_onnx: Pat
         if [len(v) for v in reference.values()] != [len(inputs)]:
             raise InputError(f"{export_dir / CHECK_DIR}: the reference holds {[len(v) for v in reference.values()]} "
                              f"iteration(s) for {len(inputs)} saved inputs; re-export to rewrite {CHECK_DIR}/")
-        candidates = [("onnxruntime", DiTSessionRunner(export_dir, manifest["graphs"]["dit"], f"{scheme}-onnxrt"))]
+        candidates = [("onnxruntime", DiTSessionRunner(export_dir, manifest["graphs"]["dit"], f"{scheme}-onnxrt",
+                                                       device))]
         comparisons = []
         if engines_dir is not None:
             from engines.tensorrt import tensorrt_unavailable
@@ -272,7 +282,8 @@ def run_checks(export_dir: Path, engines_dir: Path | None = None, fp32_onnx: Pat
         for backend, runner in candidates:
             log.info("running %s on %d saved input(s)", runner.name, len(inputs))
             results = Comparator.run([runner], data_loader=inputs)
-            comparisons.append({"backend": backend,
+            comparisons.append({"backend": backend, **({"device": device, "providers": runner.providers}
+                                                       if backend == "onnxruntime" else {}),
                                 **_compare(reference, results, meta["buckets"], meta["edges"], thresholds)})
     comparisons.sort(key=lambda c: c["backend"] != "onnxruntime")
     report = _json_safe({

@@ -20,7 +20,10 @@ from engines.runtime import Pipeline
 from exporter.graph_edit import save, weight_bytes
 from exporter.layers import quantizable_linears
 from exporter.models import LoadedModel
-from exporter.onnx_export import PROTOBUF_LIMIT, ort_session
+from engines.estimate import log_estimate
+from engines.providers import providers_for, session
+from exporter.errors import InputError
+from exporter.onnx_export import PROTOBUF_LIMIT
 from exporter.quantized_export import W4A16_SESSION_CONFIG, Calibration, base_graph, quantize_graph
 from exporter.recipe import Recipe
 
@@ -34,10 +37,14 @@ EXACT_QDQ = {"session.disable_quant_qdq": "1"}
 
 
 def graph_candidate(fp32: Path, loaded: LoadedModel, calibration: Calibration, recipe: Recipe, path: Path,
-                    dynamic_kernel: str = "dql", session_config: dict[str, str] | None = None) -> tuple[Any, float]:
+                    dynamic_kernel: str = "dql", device: str = "cpu", session_config: dict[str, str] | None = None
+                    ) -> tuple[Any, float]:
     """Quantize the FP32 graph with `recipe` into `path` (one graph; per-bucket-graph uses bucket graphs
-    through BucketedSession); returns (session, weight bytes of one graph)."""
+    through BucketedSession); returns (session on `device`, weight bytes of one graph)."""
     from engines.backends import BucketedSession
+
+    def ort_session(file: Path, config: dict[str, str]) -> Any:
+        return session(file, config, device, int8=True)
 
     layers = list(quantizable_linears(loaded.dit))
     config = {**(W4A16_SESSION_CONFIG if recipe.scheme == "w4a16" else {}), **(session_config or {})}
@@ -55,21 +62,35 @@ def graph_candidate(fp32: Path, loaded: LoadedModel, calibration: Calibration, r
     return ort_session(path, config), weight_bytes(model)
 
 
-def modelopt_candidate(loaded: LoadedModel, scheme: str, calibration_trajectories: Sequence[Trajectory]
-                       ) -> tuple[TorchSession, dict[str, Any]]:
+def modelopt_candidate(loaded: LoadedModel, scheme: str, calibration_trajectories: Sequence[Trajectory],
+                       device: str = "cpu") -> tuple[TorchSession, dict[str, Any]]:
+    """ModelOpt's preset for `scheme` on a copy of the DiT on `device`, calibrated on the trajectories' DiT
+    inputs; the first calibration step is timed and the pass's total logged."""
+    import copy
+    import time
+
     import torch
 
     from engines.modelopt_baseline import modelopt_quantize
     from exporter.graphs import DiTGraph
+
+    steps = sum(len(traj.feeds) for traj in calibration_trajectories)
+    first = [True]
 
     def forward_loop(model: torch.nn.Module) -> None:
         graph = DiTGraph(model)
         with torch.no_grad():
             for traj in calibration_trajectories:
                 for feeds in traj.feeds:
-                    graph(*(torch.from_numpy(feeds[k]) for k in ("x", "t", "cross_attn_cond", "global_embed")))
+                    t0 = time.perf_counter()
+                    graph(*(torch.from_numpy(feeds[k]).to(device) for k in ("x", "t", "cross_attn_cond", "global_embed")))
+                    if first[0]:
+                        first[0] = False
+                        log_estimate("report[ModelOpt calibration]", time.perf_counter() - t0, steps,
+                                     f"{len(calibration_trajectories)} trajectories, per calibration pass", "")
 
-    quantized, info = modelopt_quantize(loaded.dit, scheme, forward_loop, list(quantizable_linears(loaded.dit)))
+    dit = loaded.dit if device == "cpu" else copy.deepcopy(loaded.dit).to(device)
+    quantized, info = modelopt_quantize(dit, scheme, forward_loop, list(quantizable_linears(loaded.dit)))
     return TorchSession(DiTGraph(quantized)), info
 
 
@@ -78,21 +99,46 @@ def baseline_recipe(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, method="minmax", lowrank=0, bucket_policy="shared", alpha=0.5)
 
 
+def _report_steps(settings: AccuracySettings, buckets: int, minmax: bool, modelopt_prompts: int) -> int:
+    """DiT calls of the report: the reference trajectories, check data (2 per bucket), and per candidate
+    its per-step comparison (reference + candidate) and its own sampler run; ModelOpt adds its calibration
+    trajectories and (counted as) two calibration passes over them."""
+    run = settings.prompts * settings.steps
+    candidates = 1 + int(minmax) + int(modelopt_prompts > 0)
+    return run + 2 * buckets + 3 * run * candidates + 3 * modelopt_prompts * settings.steps
+
+
 def report_stage(loaded: LoadedModel, calibration: Calibration, recipe: Recipe, settings: AccuracySettings,
-                 scratch: Path, modelopt: bool = True, dynamic_kernel: str = "dql", target: str = "onnxruntime"
-                 ) -> Callable[[Path, dict[str, Any]], None]:
-    """An export stage writing report.json / report.md: this export, minmax and ModelOpt vs FP32. The minmax
-    baseline quantizes the same graph this export did (FP16 for the TensorRT target); a TensorRT-target report
-    also has the same recipe on the FP32 graph, which is what quantizing the FP16 graph costs."""
+                 scratch: Path, modelopt: bool = True, dynamic_kernel: str = "dql", device: str = "cpu",
+                 shorten: str = "", target: str = "onnxruntime") -> Callable[[Path, dict[str, Any]], None]:
+    """An export stage writing report.json / report.md: this export, minmax and ModelOpt vs FP32. On a
+    CUDA `device` ModelOpt runs on the GPU and the ONNX Runtime graphs on ORT's CUDA provider (on the CPU,
+    with a warning, where this onnxruntime has none). The first reference step is timed and the stage's
+    total logged, naming `shorten` (the caller's options that shorten it). The minmax baseline quantizes the
+    same graph this export did (FP16 for the TensorRT target); a TensorRT-target report also has the same
+    recipe on the FP32 graph with exact Q/DQ, which is what quantizing the FP16 graph costs."""
+    ort_device = device
+    if device != "cpu":
+        try:
+            providers_for(device)
+        except InputError as exc:
+            log.warning("accuracy report: %s; its ONNX Runtime graphs run on the CPU", exc)
+            ort_device = "cpu"
 
     def stage(tmp: Path, manifest: dict[str, Any]) -> None:
         fp32 = Path(scratch) / "dit.fp32.onnx"
         base_path = base_graph(scratch, target)
-        pipeline = Pipeline(OrtBackend(tmp, manifest), manifest)
-        reference = ort_session(fp32)
+        pipeline = Pipeline(OrtBackend(tmp, manifest, ort_device), manifest)
+        reference = session(fp32, device=ort_device)
         cal_prompts = calibration.meta["prompts"]["list"]
         prompts = heldout_prompts(cal_prompts, settings.prompts, settings.heldout_seed)
-        trajectories = capture(pipeline, reference, prompts, settings)
+        base = baseline_recipe(recipe)
+        count = min(len(cal_prompts), 4) if modelopt else 0  # AWQ's search is slow on CPU; 4 prompts x all steps
+        steps = _report_steps(settings, len(calibration.edges) - 1, base != recipe, count)
+        detail = (f"{settings.prompts} prompts x {settings.steps} steps for the FP32 reference and "
+                  f"{1 + int(base != recipe) + int(modelopt)} candidate(s), each counted at the FP32 step's speed")
+        trajectories = capture(pipeline, reference, prompts, settings,
+                               on_first_step=lambda s: log_estimate("accuracy report", s, steps, detail, shorten))
         edges = calibration.edges
         manifest["check"] = write_check_data(tmp, reference, trajectories, edges)
         fp32_bytes = manifest["graphs"]["dit"]["fp32_weight_bytes"]
@@ -102,31 +148,29 @@ def report_stage(loaded: LoadedModel, calibration: Calibration, recipe: Recipe, 
                         pipeline, settings)
         this["size_ratio"] = manifest["graphs"]["dit"]["size_ratio"]
         rows.append(this)
-        base = baseline_recipe(recipe)
         if base != recipe:
-            session, size = graph_candidate(base_graph(scratch, target), loaded, calibration, base,
-                                            Path(scratch) / "dit.minmax.onnx", dynamic_kernel)
-            row = evaluate(f"minmax {recipe.scheme} ({recipe.activations})", session, reference, trajectories, edges,
+            candidate, size = graph_candidate(base_path, loaded, calibration, base, Path(scratch) / "dit.minmax.onnx",
+                                              dynamic_kernel, ort_device)
+            row = evaluate(f"minmax {recipe.scheme} ({recipe.activations})", candidate, reference, trajectories, edges,
                            pipeline, settings)
             row["size_ratio"] = size / fp32_bytes
             rows.append(row)
         if base_path != fp32:
-            session, size = graph_candidate(fp32, loaded, calibration, recipe, Path(scratch) / "dit.fp32q.onnx",
-                                            dynamic_kernel, EXACT_QDQ)
+            candidate, size = graph_candidate(fp32, loaded, calibration, recipe, Path(scratch) / "dit.fp32q.onnx",
+                                              dynamic_kernel, ort_device, EXACT_QDQ)
             row = evaluate(f"same recipe on the FP32 graph, Q/DQ as float math ({recipe.scheme} {recipe.method})",
-                           session, reference,
-                           trajectories, edges, pipeline, settings)
+                           candidate, reference, trajectories, edges, pipeline, settings)
             row["size_ratio"] = size / fp32_bytes
             rows.append(row)
         info = None
         if modelopt:
-            count = min(len(cal_prompts), 4)  # AWQ's search is slow on CPU; 4 prompts x all steps
             cal_traj = capture(pipeline, reference, cal_prompts[:count], settings)
-            session, info = modelopt_candidate(loaded, recipe.scheme, cal_traj)
-            rows.append(evaluate(f"ModelOpt {info['config']} (PyTorch fake-quant)", session, reference, trajectories,
+            candidate, info = modelopt_candidate(loaded, recipe.scheme, cal_traj, device)
+            rows.append(evaluate(f"ModelOpt {info['config']} (PyTorch fake-quant)", candidate, reference, trajectories,
                                  edges, pipeline, settings))
         table = write_report(tmp, rows, {"prompts": prompts, "settings": settings_json(settings),
                                          "reference": "FP32 DiT graph, ONNX Runtime", "buckets": list(edges),
+                                         "device": device, "providers": pipeline.backend.providers,
                                          "recipe": recipe.to_json(), "modelopt": info})
         log.info("accuracy against FP32 (held-out prompts):\n%s", table)
         manifest["report"] = {"json": "report.json", "markdown": "report.md",

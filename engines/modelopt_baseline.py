@@ -9,9 +9,12 @@ smoothing scales into them.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -92,8 +95,19 @@ def modelopt_quantize(dit: nn.Module, scheme: str, forward_loop: Callable[[nn.Mo
     model = copy.deepcopy(dit).eval()
     log.info("ModelOpt %s: quantizing %d Linears with %s (%d exclusion entries)", modelopt.__version__,
              len(quantizable), config_name, len(cfg["quant_cfg"]) - len(getattr(mtq, config_name)["quant_cfg"]))
-    with torch.no_grad():  # PTQ only: calibration needs activations, never gradients
+    printed = io.StringIO()
+    # PTQ only: calibration needs activations, never gradients. ModelOpt prints its progress to stdout (where
+    # the CLIs write their JSON summary): it goes to the log. Its "<layer> is not calibrated, skip smoothing"
+    # warning is expected for exactly the layers excluded above (shown with -v).
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+        excluded = sorted(set(n for n, m in dit.named_modules() if isinstance(m, (nn.Linear, *_CONV_TYPES)))
+                          - set(quantizable))
+        if excluded and not log.isEnabledFor(logging.DEBUG):
+            warnings.filterwarnings("ignore", message=f"({'|'.join(map(re.escape, excluded))}) is not calibrated, "
+                                                      "skip smoothing$")
         model = mtq.quantize(model, cfg, forward_loop)
+    for line in printed.getvalue().splitlines():
+        log.info("ModelOpt: %s", line)
     model.eval()
 
     layers = enabled_quantized_layers(model)

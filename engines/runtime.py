@@ -115,8 +115,10 @@ class Pipeline:
         return latents
 
 
-def open_pipeline(export_dir: Path, backend: str = "onnxruntime", engines_dir: Path | None = None) -> Pipeline:
-    """A pipeline over an export directory with the named backend (tensorrt: engines from `engines_dir`)."""
+def open_pipeline(export_dir: Path, backend: str = "onnxruntime", engines_dir: Path | None = None,
+                  device: str = "cpu") -> Pipeline:
+    """A pipeline over an export directory with the named backend (tensorrt: engines from `engines_dir`;
+    onnxruntime: its sessions on `device`, see `engines.providers`)."""
     from engines.backends import OrtBackend, TorchBackend
 
     if (backend == "tensorrt") != (engines_dir is not None):
@@ -127,11 +129,11 @@ def open_pipeline(export_dir: Path, backend: str = "onnxruntime", engines_dir: P
 
         return Pipeline(TrtBackend(Path(engines_dir), Path(export_dir), manifest), manifest)
     if backend == "onnxruntime":
-        return Pipeline(OrtBackend(Path(export_dir), manifest), manifest)
+        return Pipeline(OrtBackend(Path(export_dir), manifest, device), manifest)
     if backend == "torch":
         from exporter.models import reload_from_identity
 
-        return Pipeline(TorchBackend(reload_from_identity(manifest).wrapper), manifest)
+        return Pipeline(TorchBackend(reload_from_identity(manifest).wrapper, device), manifest)
     raise InputError(f"unknown backend '{backend}' (choose from: onnxruntime, torch, tensorrt)")
 
 

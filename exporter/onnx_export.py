@@ -88,10 +88,12 @@ def export_graph(spec: GraphSpec, path: Path) -> dict[str, Any]:
             "opset": OPSET, "ir_version": min(model.ir_version, IR_VERSION)}
 
 
-def ort_session(path: Path, config: dict[str, str] | None = None, profile_prefix: str | None = None):
-    """A CPU session; `config` holds session config entries a graph needs (its manifest entry's
-    `ort_session_config`, e.g. the MatMulNBits accuracy level of a w4a16 graph). `profile_prefix`
-    turns on ORT's profiler, writing `<prefix>_<date>.json` at `end_profiling()`."""
+def ort_session(path: Path, config: dict[str, str] | None = None, profile_prefix: str | None = None,
+                providers: Sequence[Any] | None = None):
+    """A session (CPU unless `providers` says otherwise: `engines.providers` picks them for a device);
+    `config` holds session config entries a graph needs (its manifest entry's `ort_session_config`, e.g.
+    the MatMulNBits accuracy level of a w4a16 graph). `profile_prefix` turns on ORT's profiler, writing
+    `<prefix>_<date>.json` at `end_profiling()`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -101,7 +103,7 @@ def ort_session(path: Path, config: dict[str, str] | None = None, profile_prefix
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def relative_error(out: Any, ref: Any) -> tuple[float, float]:

@@ -266,11 +266,11 @@ def _attention_cores(g: _Graph, model: onnx.ModelProto) -> tuple[int, int, list[
             node = g.producers.get(node.input[0])
         if node is None or node.op_type != "MatMul" or any(i in g.inits for i in node.input):
             continue
-        tail, nxt = n.output[0], users.get(n.output[0], [])
+        nxt = users.get(n.output[0], [])
         while len(nxt) == 1 and nxt[0].op_type in ("Cast", "QuantizeLinear", "DequantizeLinear"):
             if nxt[0].op_type == "Cast":
                 casts.append(nxt[0].name)
-            tail, nxt = nxt[0].output[0], users.get(nxt[0].output[0], [])
+            nxt = users.get(nxt[0].output[0], [])
         if not (len(nxt) == 1 and nxt[0].op_type == "MatMul"):
             continue
         cores += 1

@@ -29,7 +29,7 @@ def feeds(dims: dict[str, int], length: int, batch: int = 2) -> dict[str, np.nda
 
 def device_of(spec: dict[str, Any]) -> str:
     """'cuda' for TensorRT and CUDA PyTorch candidates, 'cpu' otherwise."""
-    return "cuda" if spec["kind"] == "trt" or spec.get("device") == "cuda" else "cpu"
+    return "cuda" if spec["kind"] == "trt" or str(spec.get("device", "cpu")).startswith("cuda") else "cpu"
 
 
 def torch_candidates(cuda: bool) -> dict[str, dict[str, Any]]:
@@ -66,7 +66,8 @@ def _torch_step(spec: dict[str, Any], inputs: dict[str, np.ndarray]) -> Callable
 def _ort_step(spec: dict[str, Any], inputs: dict[str, np.ndarray]) -> Callable[[], None]:
     from engines.backends import dit_session
 
-    session = dit_session(Path(spec["dir"]), spec["entry"])
+    session = dit_session(Path(spec["dir"]), spec["entry"], spec.get("device", "cpu"))
+    spec["providers"] = list(getattr(session, "sessions", [session])[0].get_providers())
     return lambda: session.run(["v"], inputs)
 
 
@@ -136,7 +137,9 @@ class Candidate:
                                runs=self.spec.get("profile_runs", 3))
 
     def summary(self) -> dict[str, float]:
-        out = {"peak_rss_mb": peak_rss_mb()}
+        out: dict[str, Any] = {"peak_rss_mb": peak_rss_mb()}
+        if "providers" in self.spec:
+            out["providers"] = self.spec["providers"]
         if self.cuda:  # torch's allocator sees its own tensors only; TensorRT's engine and context memory is not its
             import torch
 

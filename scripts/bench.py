@@ -104,14 +104,15 @@ def _measure_interleaved(specs: list[dict], warmup: int, runs: int, gap_s: float
             server.close()
 
 
-def _generate_seconds(exports: dict[str, Path], steps: int, seconds: float, rounds: int = 3) -> dict[str, float]:
+def _generate_seconds(exports: dict[str, Path], steps: int, seconds: float, rounds: int = 3,
+                      device: str = "cpu") -> dict[str, float]:
     """Median wall time of `generate` per export, the exports alternating round by round after a warm-up."""
     import numpy as np
 
     from engines.runtime import GenerateOptions, open_pipeline
 
     opts = GenerateOptions(prompt="rain on a tin roof", seconds=seconds, steps=steps)
-    pipelines = {name: open_pipeline(path) for name, path in exports.items()}
+    pipelines = {name: open_pipeline(path, device=device) for name, path in exports.items()}
     times: dict[str, list[float]] = {name: [] for name in pipelines}
     for r in range(rounds + 1):
         for name, pipeline in pipelines.items():
@@ -259,7 +260,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--e2e-steps", type=int, default=0, help="also time generate with this many steps (0: no)")
-    parser.add_argument("--e2e-seconds", type=float, default=10.0)
+    parser.add_argument("--e2e-seconds", type=float, default=None,
+                        help="audio length of the generate timing (default: 10, or the model's window if shorter)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: the ONNX Runtime rows on ORT's "
+                        "CUDA provider (TensorRT provider too where TensorRT is installed; needs onnxruntime-gpu)")
     parser.add_argument("--out", required=True)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -289,7 +293,19 @@ def main() -> int:
         raise InputError("--calibration is required (except with --predict)")
     if args.runs < 10:
         log.warning("--runs %d < 10: medians of fewer runs are noisy", args.runs)
-    lengths = [int(v) for v in args.lengths.split(",")]
+    from engines.durations import pick_seconds
+    from engines.providers import providers_for
+
+    providers_for(args.device)  # refused before any work when this onnxruntime cannot run there
+    try:
+        lengths = [int(v) for v in args.lengths.split(",")]
+    except ValueError:
+        raise InputError(f"--lengths {args.lengths!r} is not a comma-separated list of latent lengths") from None
+    if min(lengths) < 1:
+        raise InputError(f"--lengths {args.lengths!r}: latent lengths must be >= 1")
+    if args.runs < 1 or args.warmup < 0 or args.e2e_steps == 1 or args.e2e_steps < 0:
+        raise InputError(f"need --runs >= 1, --warmup >= 0 and --e2e-steps 0 or >= 2 (got {args.runs}, "
+                         f"{args.warmup}, {args.e2e_steps})")
     names = [n for n in args.candidates.split(",") if n]
     if unknown := [n for n in names if n not in CANDIDATES]:
         raise InputError(f"unknown candidates {unknown} (choose from: {', '.join(CANDIDATES)})")
@@ -298,6 +314,8 @@ def main() -> int:
     if cuda and trt_reason:
         log.warning("no TensorRT rows: %s", trt_reason)
     loaded = load_model(model_spec(args))
+    if args.e2e_steps:
+        args.e2e_seconds = pick_seconds("--e2e-seconds", args.e2e_seconds, 10.0, loaded.config, "generate timing")
     calibration = read_calibration(Path(args.calibration), loaded)
     scratch = Path(tempfile.mkdtemp(prefix="quadit-bench-"))
     rows, exports = [], {}
@@ -327,7 +345,8 @@ def main() -> int:
         for length in lengths:
             base = {"length": length, "dims": dims, "warmup": args.warmup, "runs": args.runs}
             specs = [(n, {**base, "kind": "torch", "manifest": fp32_manifest, **t}, None) for n, t in torch_rows.items()]
-            specs += [(n, {**base, "kind": "ort", "dir": str(d), "entry": m["graphs"]["dit"], "profile": args.breakdown},
+            specs += [(n, {**base, "kind": "ort", "dir": str(d), "entry": m["graphs"]["dit"], "profile": args.breakdown,
+                           "device": args.device},
                        m["graphs"]["dit"].get("size_ratio", 1.0)) for n, (d, m) in exports.items()]
             specs += [(n, {**base, "kind": "trt", "engine": str(e)}, None) for n, e in engines.items()
                       if length in engine_lengths]
@@ -357,7 +376,8 @@ def main() -> int:
         if args.e2e_steps:
             fastest = min((r for r in rows if r["name"] in exports and r["name"] != "ort fp32"
                            and r["length"] == max(lengths)), key=lambda r: r["median_ms"])["name"]
-            e2e = _generate_seconds({n: exports[n][0] for n in ("ort fp32", fastest)}, args.e2e_steps, args.e2e_seconds)
+            e2e = _generate_seconds({n: exports[n][0] for n in ("ort fp32", fastest)}, args.e2e_steps, args.e2e_seconds,
+                                    device=args.device)
             for name, sec in e2e.items():
                 log.info("generate %s: %.1f s (%d steps, %.1f s audio, median of 3)", name, sec, args.e2e_steps,
                          args.e2e_seconds)

@@ -24,7 +24,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps per prompt (model card: 100)")
     parser.add_argument("--buckets", type=int, default=4, help="timestep buckets")
     parser.add_argument("--bucket-by", default="step", help="step (equal steps per bucket) or t (equal t width)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="audio length the sampler runs at")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="audio length the sampler runs at (default: 5, or the model's window if shorter)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="default: the model's (SAO 7, SAO Small 1)")
     parser.add_argument("--selection", default="all", help="all, uniform, random or activation-aware")
     parser.add_argument("--budget", type=int, default=0, help="(prompt, step) samples kept by --selection")
@@ -35,21 +36,21 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging(args.verbose)
 
+    import dataclasses
+
     from calibration.prompts import coverage_report, select_prompts
     from engines.calibrate import CalibrationSettings, calibrate
+    from engines.durations import pick_seconds
+    from engines.providers import check_torch_device
     from exporter.errors import InputError
     from exporter.models import load_model
 
     settings = CalibrationSettings(steps=args.steps, buckets=args.buckets, bucket_by=args.bucket_by,
-                                   seconds=args.seconds, cfg_scale=args.cfg_scale, seed=args.calib_seed,
+                                   cfg_scale=args.cfg_scale, seed=args.calib_seed,
                                    selection=args.selection, budget=args.budget, device=args.device)
     if args.num_prompts < 1:
         raise InputError("--num-prompts must be >= 1")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda was asked for but no CUDA GPU is available")
+    check_torch_device(args.device)
     try:
         prompts = select_prompts(args.prompts, args.num_prompts, seed=args.calib_seed)
     except ValueError as exc:
@@ -61,7 +62,10 @@ def main() -> int:
                                                    prompts)
         extra["prompt_coverage"]["before_source"] = f"{args.num_prompts} seed prompts"
     loaded = load_model(model_spec(args))
-    meta = calibrate(loaded, prompts, settings, Path(args.out), prompt_source=args.prompts, extra_meta=extra)
+    settings = dataclasses.replace(settings, seconds=pick_seconds("--seconds", args.seconds, settings.seconds,
+                                                                  loaded.config, "calibration"))
+    meta = calibrate(loaded, prompts, settings, Path(args.out), prompt_source=args.prompts, extra_meta=extra,
+                     shorten="--num-prompts, --steps" + ("" if args.device.startswith("cuda") else ", --device cuda"))
     if meta is None:  # a non-zero torchrun rank
         return 0
     summary = json.loads((Path(args.out) / "summary.json").read_text())

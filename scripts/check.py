@@ -50,6 +50,8 @@ def main() -> int:
     parser.add_argument("--engines", default=None, help="engines directory (scripts/build_engines.py) to check too")
     parser.add_argument("--reference", default=None,
                         help="FP32 dit.onnx to run as the reference (default: the outputs saved in check/)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: ONNX Runtime's CUDA provider "
+                        "(TensorRT provider too where TensorRT is installed; needs onnxruntime-gpu)")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show Polygraphy's comparison log")
     args = parser.parse_args()
     setup_logging(args.verbose)
@@ -57,7 +59,7 @@ def main() -> int:
     from engines.check import REPORT, run_checks
 
     report = run_checks(Path(args.export), Path(args.engines) if args.engines else None,
-                        Path(args.reference) if args.reference else None)
+                        Path(args.reference) if args.reference else None, device=args.device)
     print(table(report))
     for c in report["comparisons"]:
         for failure in c.get("failures", []):

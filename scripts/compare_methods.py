@@ -68,7 +68,8 @@ def main() -> int:
                              "(e.g. an activation-aware vs a uniform sample selection)")
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="audio length of the trajectories (default: 3, or the model's window if shorter)")
     parser.add_argument("--schemes", default="w8a8,w4a16,w4a8")
     parser.add_argument("--no-modelopt", action="store_true")
     parser.add_argument("--modelopt-prompts", type=int, default=2,
@@ -93,8 +94,11 @@ def main() -> int:
     from exporter.recipe import Recipe
 
     schemes = [s for s in args.schemes.split(",") if s and s != "none"]
-    settings = AccuracySettings(prompts=args.prompts, steps=args.steps, seconds=args.seconds)
     loaded = load_model(model_spec(args))
+    from engines.durations import pick_seconds
+
+    settings = AccuracySettings(prompts=args.prompts, steps=args.steps, seconds=pick_seconds(
+        "--seconds", args.seconds, AccuracySettings.seconds, loaded.config, "comparison"))
     calibration = read_calibration(Path(args.calibration), loaded)
     extra = {}
     for item in args.extra_calibration:

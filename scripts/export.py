@@ -40,9 +40,16 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", help="calibration artifact directory (default: calibrate now)")
     parser.add_argument("--calib-prompts", type=int, default=16, help="prompts when calibrating here")
     parser.add_argument("--calib-steps", type=int, default=20, help="sampler steps when calibrating here")
+    parser.add_argument("--calib-seconds", type=float, default=None,
+                        help="audio length when calibrating here (default: 5, or the model's window if shorter)")
     parser.add_argument("--report-prompts", type=int, default=4, help="held-out prompts of the report (0: none)")
     parser.add_argument("--report-steps", type=int, default=20)
+    parser.add_argument("--report-seconds", type=float, default=None,
+                        help="audio length of the report's trajectories (default: 3, or the model's window if shorter)")
     parser.add_argument("--no-modelopt", action="store_true", help="leave the ModelOpt baseline out of the report")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: calibration and the report's "
+                        "PyTorch work (ModelOpt) on the GPU, the report's ONNX Runtime graphs on ORT's CUDA provider "
+                        "where onnxruntime-gpu is installed")
     parser.add_argument("--out", required=True, help="export directory (replaced atomically)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -63,15 +70,45 @@ def _recipe(args: argparse.Namespace):
                   activations=args.activations, bucket_policy=policy, block_size=args.block_size)
 
 
-def _calibrate(loaded, args: argparse.Namespace, scratch: Path) -> Path:
-    from calibration.prompts import select_prompts
+def _calibrate(loaded, args: argparse.Namespace, prompts: list[str], seconds: float, scratch: Path) -> Path:
     from engines.calibrate import CalibrationSettings, calibrate
 
-    log.info("no --calibration given: calibrating on %d seed prompts x %d steps", args.calib_prompts, args.calib_steps)
+    log.info("no --calibration given: calibrating on %d seed prompts x %d steps", len(prompts), args.calib_steps)
     out = scratch / "calibration"
-    calibrate(loaded, select_prompts("seed", args.calib_prompts), CalibrationSettings(steps=args.calib_steps),
-              out, prompt_source="seed")
+    cuda = args.device.startswith("cuda")
+    calibrate(loaded, prompts, CalibrationSettings(steps=args.calib_steps, seconds=seconds, device=args.device),
+              out, prompt_source="seed", shorten="--calib-prompts, --calib-steps, or --calibration DIR (an artifact "
+              "from scripts/calibrate.py)" + ("" if cuda else ", --device cuda"))
     return out
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """The model-independent options of a quantized export, before anything is loaded."""
+    from exporter.errors import InputError
+
+    for option, value, least in (("--calib-prompts", args.calib_prompts, 1), ("--calib-steps", args.calib_steps, 2),
+                                 ("--report-prompts", args.report_prompts, 0), ("--report-steps", args.report_steps, 2)):
+        if value < least:
+            raise InputError(f"{option} must be >= {least}, got {value}")
+
+
+def _calibration_prompts(args: argparse.Namespace, prompts: list[str] | None) -> list[str]:
+    """The calibration prompts (`prompts` from an artifact, else the seed prompts calibrated on here), once
+    the report is known to find enough held-out prompts beside them."""
+    from calibration.prompts import select_prompts
+    from engines.accuracy import AccuracySettings, heldout_prompts
+    from exporter.errors import InputError
+
+    try:
+        prompts = prompts if prompts is not None else select_prompts("seed", args.calib_prompts)
+    except ValueError as exc:
+        raise InputError(f"--calib-prompts {args.calib_prompts}: {exc}") from None
+    if args.report_prompts > 0:
+        try:
+            heldout_prompts(prompts, args.report_prompts, AccuracySettings.heldout_seed)
+        except ValueError as exc:
+            raise InputError(f"--report-prompts {args.report_prompts}: {exc}") from None
+    return prompts
 
 
 def main() -> int:
@@ -92,22 +129,45 @@ def main() -> int:
         quant = QuantizeOptions(_recipe(args), args.target, args.dynamic_kernel)  # refuses bad targets up front
     if args.calibration and not Path(args.calibration).is_dir():
         raise InputError(f"--calibration {args.calibration} is not a directory")
+    cal_prompts = None
+    if quant is not None:
+        from engines.providers import check_torch_device
+
+        _check_counts(args)
+        check_torch_device(args.device)
+        if not args.calibration:
+            cal_prompts = _calibration_prompts(args, None)
     loaded = load_model(model_spec(args))
     scratch = Path(tempfile.mkdtemp(prefix="quadit-export-"))
     try:
         if quant is not None:
             from engines.accuracy import AccuracySettings
+            from engines.calibrate import CalibrationSettings
             from engines.compare import report_stage
+            from engines.durations import pick_seconds
             from exporter.quantized_export import quantize_stage, read_calibration
 
-            calibration = read_calibration(Path(args.calibration) if args.calibration
-                                           else _calibrate(loaded, args, scratch), loaded)
-            stages.append(quantize_stage(loaded, calibration, quant, scratch))
+            # every option is checked against the model before calibration, quantization or the report start
+            calibration = read_calibration(Path(args.calibration), loaded) if args.calibration else None
+            if calibration is not None:
+                cal_prompts = _calibration_prompts(args, calibration.meta["prompts"]["list"])
+            calib_seconds = None if calibration else pick_seconds(
+                "--calib-seconds", args.calib_seconds, CalibrationSettings.seconds, loaded.config, "calibration")
+            report = None
             if args.report_prompts > 0:
-                stages.append(report_stage(loaded, calibration, quant.recipe,
-                                           AccuracySettings(prompts=args.report_prompts, steps=args.report_steps),
-                                           scratch, modelopt=not args.no_modelopt, dynamic_kernel=args.dynamic_kernel,
-                                           target=quant.target))
+                report = AccuracySettings(prompts=args.report_prompts, steps=args.report_steps, seconds=pick_seconds(
+                    "--report-seconds", args.report_seconds, AccuracySettings.seconds, loaded.config, "accuracy report"))
+            if calibration is None:
+                calibration = read_calibration(_calibrate(loaded, args, cal_prompts, calib_seconds, scratch), loaded)
+            stages.append(quantize_stage(loaded, calibration, quant, scratch))
+            if report is not None:
+                cuda = args.device.startswith("cuda")
+                stages.append(report_stage(loaded, calibration, quant.recipe, report, scratch,
+                                           modelopt=not args.no_modelopt, dynamic_kernel=args.dynamic_kernel,
+                                           device=args.device, target=quant.target,
+                                           shorten="--report-prompts 0 (no report), fewer --report-prompts or "
+                                                   "--report-steps" + ("" if args.no_modelopt else ", --no-modelopt")
+                                                   + ("" if cuda else ", --device cuda")))
         manifest = export_model(loaded, Path(args.out), options, stages)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

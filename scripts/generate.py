@@ -26,6 +26,9 @@ def main() -> int:
     parser.add_argument("--backend", default="onnxruntime",
                         help="onnxruntime (default), torch (reference) or tensorrt (needs --engines)")
     parser.add_argument("--engines", help="engines directory from scripts/build_engines.py (--backend tensorrt)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda[:N]: ONNX Runtime's CUDA provider (TensorRT provider too where "
+                             "TensorRT is installed; needs onnxruntime-gpu), or PyTorch on the GPU (--backend torch)")
     parser.add_argument("--out", required=True, help="output .wav")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -39,7 +42,14 @@ def main() -> int:
     if (args.backend == "tensorrt") != (args.engines is not None):
         raise InputError("--backend tensorrt needs --engines DIR" if args.engines is None
                          else f"--engines is for --backend tensorrt, not {args.backend}")
-    pipeline = open_pipeline(Path(args.export), args.backend, Path(args.engines) if args.engines else None)
+    if args.backend == "tensorrt" and args.device != "cpu":
+        raise InputError("--device is for the onnxruntime and torch backends; TensorRT engines run on their GPU")
+    if args.backend == "torch":
+        from engines.providers import check_torch_device
+
+        check_torch_device(args.device)
+    pipeline = open_pipeline(Path(args.export), args.backend, Path(args.engines) if args.engines else None,
+                             device=args.device)
     defaults = pipeline.manifest["sampler_defaults"]
     opts = GenerateOptions(prompt=args.prompt, seconds=args.seconds, seed=args.seed,
                            steps=args.steps if args.steps is not None else defaults["steps"],
@@ -52,7 +62,10 @@ def main() -> int:
     log.info("wrote %s: %.2f s, %d Hz stereo, peak %.3f, rms %.4f (%s backend; sampling %.1f s)",
              args.out, result.audio.shape[-1] / result.sample_rate, result.sample_rate, levels["peak"],
              levels["rms"], args.backend, result.timings["sampling_s"])
-    print(json.dumps({"out": str(Path(args.out).resolve()), **levels, **result.timings}))
+    extra = {"device": args.device}
+    if hasattr(pipeline.backend, "providers"):
+        extra["providers"] = pipeline.backend.providers
+    print(json.dumps({"out": str(Path(args.out).resolve()), **levels, **result.timings, **extra}))
     return 0
 
 

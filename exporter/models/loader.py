@@ -161,7 +161,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     bundled = (source.text_encoder, source.tokenizer) if source is not None and source.text_encoder else None
     t5 = resolve_t5_source(spec.t5, spec.synthetic_weights, spec.seed, overrides, name=t5_name, bundled=bundled,
                            tokenizer_dir=spec.t5_tokenizer)
-    log.info("building %s (%s weights)", spec.model, "synthetic" if spec.synthetic_weights else "checkpoint")
+    log.info("building %s (%s weights)", f"'{spec.model}' from {spec.model_config}" if spec.model_config else spec.model,
+             "synthetic" if spec.synthetic_weights else "checkpoint")
     wrapper = build(config, t5, spec.seed)
     identity: dict[str, Any] = {"model": spec.model, "config_sha256": config_hash(config), "t5": t5.describe(),
                                 "t5_source": t5.to_json()}
