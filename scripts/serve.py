@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +20,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts._common import run, setup_logging  # noqa: E402
 
 log = logging.getLogger("serve")
+CHILD = "QUADIT_SERVE_CHILD"
+
+
+def supervise() -> int:
+    """Run the server in a child process of its own session and forward SIGINT/SIGTERM/SIGHUP to it as
+    SIGTERM; return its exit code.
+
+    Why: a signal to the whole process group (Ctrl-C in a terminal, `timeout`, `kill -- -PGID`) would
+    otherwise also reach tritonserver and PyTriton's tensor-store process, which stop at once and fail the
+    requests in flight. In its own session the server only hears the forwarded SIGTERM, and drains. The
+    child gets SIGTERM too if this process dies (PR_SET_PDEATHSIG), so it never outlives it."""
+    import ctypes
+    import subprocess
+
+    def die_with_parent() -> None:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    child = subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, CHILD: "1"}, start_new_session=True,
+                             preexec_fn=die_with_parent)
+
+    def forward(signum: int, _frame) -> None:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    code = child.wait()
+    return code if code >= 0 else 128 - code
 
 
 def main() -> int:
@@ -37,8 +67,12 @@ def main() -> int:
                         help="time limit of one request from when it reaches the batcher, its queueing included "
                              "(default 300 s)")
     parser.add_argument("--max-queue", type=int, default=64, help="queued generations before refusing (default 64)")
+    parser.add_argument("--no-supervisor", action="store_true",
+                        help="serve in this process (group-wide signals then reach tritonserver too)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
+    if not args.no_supervisor and os.environ.get(CHILD) != "1":
+        return supervise()
     setup_logging(args.verbose)
 
     from engines.runtime import open_pipeline

@@ -154,7 +154,7 @@ class Server:
         self.http, self.grpc, self.metrics = _free_ports(3)
         self.log_path = log_path
         self.log = open(log_path, "w")
-        # its own session: SIGTERM reaches serve.py alone, as Kubernetes and Docker send it
+        # its own process group, so that the SIGTERM test can signal the whole group (see that test)
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "scripts" / "serve.py"), "--export", str(export_dir),
              "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
@@ -312,7 +312,9 @@ def test_sigterm_stops_accepting_finishes_in_flight_and_exits_0(server):
     for t in threads:
         t.start()
     time.sleep(2.5)  # both requests reach the scheduler (its queue delay is 1 s), and sampling starts
-    server.proc.send_signal(signal.SIGTERM)
+    # to the whole process group, as `timeout` or Ctrl-C do: serve.py runs the server in a session of its
+    # own and forwards the signal, so tritonserver and PyTriton's helpers do not stop under the drain
+    os.killpg(server.proc.pid, signal.SIGTERM)
     time.sleep(0.5)
     late = httpclient.InferenceServerClient(f"127.0.0.1:{server.http}", network_timeout=60)
     with pytest.raises(Exception, match="shutting down|refused|not found|unavailable"):  # refused or, once down, gone
