@@ -42,7 +42,7 @@ from exporter import graph_edit, names, qdq
 from exporter.errors import InputError
 from exporter.lowrank import branch_weight_error, svd_split
 from exporter.onnx_layers import LinearSite
-from exporter.recipe import Recipe
+from exporter.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, Recipe, int4_block
 from exporter.smoothing import apply_smoothing
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,33 @@ def _weight_in_out(model: onnx.ModelProto, node: onnx.NodeProto, layer: str) -> 
     return numpy_helper.to_array(init).astype(np.float64)
 
 
+def allowed_int4_blocks(ftype: type) -> tuple[int, ...]:
+    """INT4 block sizes for a graph of this float type: the FP16 graph is the TensorRT target's (64 or 128),
+    the FP32 graph ONNX Runtime's (any power of two >= 16)."""
+    return TRT_INT4_BLOCKS if ftype == np.float16 else ORT_INT4_BLOCKS
+
+
+def int4_plan(shapes: Mapping[str, tuple[int, int]], settings: Mapping[str, dict[str, Any] | None],
+              allowed: tuple[int, ...]) -> dict[str, int | None]:
+    """Per 4-bit layer whose block the recipe's does not fit ([K, N] = in, out): the block it gets, or None
+    (kept in float); each change is logged once, so a user sees it before the quantized graph exists."""
+    plan: dict[str, int | None] = {}
+    for name, s in settings.items():
+        if s is None or s["scheme"] == "w8a8":
+            continue
+        k, n = shapes[name]
+        block = int4_block(k, n, int(s["block_size"]), allowed)
+        if block != int(s["block_size"]):
+            plan[name] = block
+            if block is None:
+                log.warning("layer %s [K=%d, N=%d]: no INT4 block of %s splits it; it stays in float", name, k, n,
+                            "/".join(map(str, (b for b in allowed if b <= int(s["block_size"])))))
+            else:
+                log.warning("layer %s [K=%d]: INT4 block %d does not split K; using block %d", name, k,
+                            int(s["block_size"]), block)
+    return plan
+
+
 def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats: Mapping[str, LayerStats],
                  edges: Sequence[float], recipe: Recipe, bucket: int | None = None,
                  dynamic_kernel: str = "dql") -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
@@ -236,8 +263,14 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
     if dynamic_kernel not in DYNAMIC_KERNELS:
         raise InputError(f"unknown dynamic kernel '{dynamic_kernel}' (choose from: {', '.join(DYNAMIC_KERNELS)})")
     resolved = recipe.resolve(sites)
+    ftypes = {n: float_type(model, sites[n].weight) for n, s in resolved.items() if s is not None}
+    inits = {i.name: i for i in model.graph.initializer}
+    shapes = {n: (lambda d: (d[0], d[1]) if sites[n].weight_in_out else (d[1], d[0]))(list(inits[sites[n].weight].dims))
+              for n in ftypes}
+    allowed = allowed_int4_blocks(next(iter(ftypes.values()), np.float32))
+    for name, block in int4_plan(shapes, resolved, allowed).items():
+        resolved[name] = None if block is None else {**resolved[name], "block_size": block}
     active = {n: s for n, s in resolved.items() if s is not None}
-    ftypes = {n: float_type(model, sites[n].weight) for n in active}
     record: dict[str, dict[str, Any]] = {n: {"quantized": False} for n, s in resolved.items() if s is None}
     factors: dict[str, np.ndarray] = {}
     if recipe.method != "minmax":

@@ -29,6 +29,8 @@ ACTIVATIONS = ("static", "dynamic")
 # set (and graph) per bucket, needed when smoothing factors differ per bucket.
 BUCKET_POLICIES = ("shared", "per-bucket-scale", "per-bucket-graph")
 TARGETS = ("onnxruntime", "tensorrt")
+# ONNX Runtime's blocked DequantizeLinear / MatMulNBits take any power of two >= 16
+ORT_INT4_BLOCKS = (16, 32, 64, 128, 256, 512, 1024)
 # TensorRT's INT4 weight-only quantization takes block sizes 64 and 128 only (TensorRT developer guide,
 # "Working with Quantized Types": block quantization; enforced here before any work and by exporter/trt_check.py)
 TRT_INT4_BLOCKS = (64, 128)
@@ -173,3 +175,16 @@ def _check_fields(scheme: str, alpha: float, lowrank: int, activations: str, blo
         raise InputError(f"{where}: activations must be one of {', '.join(ACTIVATIONS)}, got '{activations}'")
     if block_size < 16 or block_size & (block_size - 1):
         raise InputError(f"{where}: INT4 block size must be a power of two >= 16, got {block_size}")
+
+
+def int4_block(k: int, n: int, requested: int, allowed: tuple[int, ...]) -> int | None:
+    """The INT4 block for a [K, N] weight: `requested` when it splits K into whole blocks (and N is even, as
+    INT4 storage and TensorRT need), else the largest smaller allowed block that does; None when none does
+    (the layer then stays in float). A model whose widths the default block does not divide (e.g. 192-wide
+    condition tokens with block 128) still quantizes every layer it can."""
+    if n % 2:
+        return None
+    for block in sorted((b for b in allowed if b <= requested), reverse=True):
+        if k % block == 0:
+            return block
+    return None

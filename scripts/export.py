@@ -148,6 +148,9 @@ def main() -> int:
             from exporter.quantized_export import quantize_stage, read_calibration
 
             # every option is checked against the model before calibration, quantization or the report start
+            from exporter.quantized_export import check_int4_blocks
+
+            check_int4_blocks(loaded, quant.recipe, quant.target)
             calibration = read_calibration(Path(args.calibration), loaded) if args.calibration else None
             if calibration is not None:
                 cal_prompts = _calibration_prompts(args, calibration.meta["prompts"]["list"])

@@ -251,3 +251,23 @@ def test_short_window_w8a8_export_with_report_then_check_and_generate_with_defau
     import soundfile as sf
 
     assert sf.info(str(wav)).frames == round(2.97 * 44100)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_short_window_w4a16_export_picks_a_block_that_splits_each_layer(tmp_path, target):
+    """The 192-wide condition tokens do not split into the default INT4 block of 128: those layers get block 64
+    (logged before calibration), every layer still quantizes, and check.py passes with default options."""
+    config = short_window_config(tmp_path / "model_config.json")
+    out = tmp_path / "w4a16"
+    proc = _script("export.py", "--model-config", str(config), "--synthetic-weights", "--scheme", "w4a16",
+                   "--target", target, "--calib-prompts", "2", "--calib-steps", "4", "--report-prompts", "1",
+                   "--report-steps", "4", "--no-modelopt", "--out", str(out), timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "INT4 block 128 does not split K; using block 64" in proc.stderr
+    assert proc.stderr.index("using block 64") < proc.stderr.index("calibrat")  # decided before any work
+    layers = json.loads((out / "manifest.json").read_text())["quantization"]["layers"]
+    assert all(r["quantized"] for r in layers.values())
+    assert {r["block_size"] for r in layers.values()} == {64, 128}
+    check = _script("check.py", "--export", str(out))
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]

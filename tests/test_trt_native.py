@@ -18,7 +18,7 @@ from exporter.layers import quantizable_linears
 from exporter.onnx_export import ort_session
 from exporter.precision_map import precision_map
 from exporter.quantize import LayerStats
-from exporter.quantized_export import W4A16_SESSION_CONFIG, Calibration, export_fp16_base, quantize_graph
+from exporter.quantized_export import Calibration, export_fp16_base, quantize_graph
 from exporter.recipe import Recipe
 from exporter.trt_check import check_graph
 
@@ -202,3 +202,31 @@ def test_speed_model_is_a_labelled_roofline(quantized16, fp16_base):
     gemm_flops = sum(x.flops for x in maps["w8a8"].layers if x.kind == "weight GEMM")
     parts = predict(maps["w8a8"], GPUS["H100"])
     assert parts["weight_gemms"] >= 1e3 * gemm_flops / (GPUS["H100"].fp16_tflops * 1e12 * COMPUTE_EFFICIENCY) / 2 * 0.99
+
+
+def test_int4_block_is_decided_per_layer():
+    from exporter.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, int4_block
+
+    assert int4_block(1536, 1536, 128, TRT_INT4_BLOCKS) == 128
+    assert int4_block(192, 384, 128, TRT_INT4_BLOCKS) == 64      # the 192-wide condition tokens of a short config
+    assert int4_block(96, 384, 128, TRT_INT4_BLOCKS) is None     # TensorRT has no block below 64: stays float
+    assert int4_block(96, 384, 128, ORT_INT4_BLOCKS) == 32
+    assert int4_block(256, 7, 64, ORT_INT4_BLOCKS) is None       # odd N cannot be stored as INT4
+
+
+def test_a_block_that_does_not_split_a_layer_gets_a_smaller_one(mini, mini_export, mini_calibration):
+    """sao-mini's cross-attention K/V read 256-wide condition tokens: with --block-size 512 those layers get
+    block 256 (ONNX Runtime) and everything still quantizes and runs, instead of a ValueError."""
+    layers = list(quantizable_linears(mini.dit))
+    model, record = quantize_graph(mini_export[0] / "dit.onnx", layers, mini_calibration,
+                                   Recipe(scheme="w4a16", block_size=512))
+    blocks = Counter(r["block_size"] for r in record.values() if r["quantized"])
+    assert all(r["quantized"] for r in record.values()) and blocks[256] == 6 and blocks[512] == 36, blocks
+    out = ort_session_from(model).run(None, _feeds(np.random.default_rng(0), 0.5))[0]
+    assert np.isfinite(out).all()
+
+
+def ort_session_from(model):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
