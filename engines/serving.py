@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sysconfig
 import threading
 from dataclasses import dataclass
@@ -314,3 +315,14 @@ def serve(pipeline: Pipeline, server: ServerConfig, scheduling: SchedulerConfig,
     log.info("stopped (%d batches, %d generations, largest batch %d)", scheduler.stats.batches,
              scheduler.stats.generations, scheduler.stats.largest)
     return code
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (bound together, so they differ, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -31,8 +31,10 @@ BUCKET_POLICIES = ("shared", "per-bucket-scale", "per-bucket-graph")
 TARGETS = ("onnxruntime", "tensorrt")
 # ONNX Runtime's blocked DequantizeLinear / MatMulNBits take any power of two >= 16
 ORT_INT4_BLOCKS = (16, 32, 64, 128, 256, 512, 1024)
-# TensorRT's INT4 weight-only quantization takes block sizes 64 and 128 only (TensorRT developer guide,
-# "Working with Quantized Types": block quantization; enforced here before any work and by exporter/trt_check.py)
+# TensorRT's INT4 weight-only GEMM: block sizes 64 and 128 only (ARCHITECTURE.md section 3; NVIDIA's ONNX INT4
+# path, modelopt/onnx/quantization/int4.py, defaults to 128 along K). onnx-tensorrt's parser itself only infers
+# the block from the scale's shape ("Only a single blocking dimension is allowed", odd last dims refused), so
+# the size limit is the kernels', enforced here before any work and by exporter/trt_check.py.
 TRT_INT4_BLOCKS = (64, 128)
 OVERRIDABLE = ("scheme", "alpha", "lowrank", "block_size", "activations")
 # Accuracy a deployed DiT must keep against FP32 (per-step output SQNR in dB, cosine) on sampler

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -26,16 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts._common import run, setup_logging  # noqa: E402
 
 log = logging.getLogger("triton_repo")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def main() -> int:
@@ -53,6 +42,7 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging(args.verbose)
 
+    from engines.serving import free_ports
     from engines.triton_repo import RepoOptions, try_load, write_repository
     from exporter.errors import InputError
 
@@ -72,7 +62,7 @@ def main() -> int:
                  summary["validation"][name])
     if args.try_load:
         with tempfile.TemporaryDirectory(prefix="quadit-triton-") as work:
-            loaded = try_load(out, Path(work), tuple(_free_ports(3)))
+            loaded = try_load(out, Path(work), tuple(free_ports(3)))
         summary["try_load"] = loaded
         for name, state in loaded["models"].items():
             log.info("bundled tritonserver: %-24s %s %s", name, state["state"], state["reason"])

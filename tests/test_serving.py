@@ -21,7 +21,7 @@ import torch
 from engines.batching import GuidedBatchDiT, generate_batch, split_rows
 from engines.runtime import GenerateOptions, open_pipeline
 from engines.scheduler import GenerateScheduler, RequestTimeout, SchedulerConfig, ServiceClosed
-from engines.serving import MODEL_NAME, RequestError, parse_request, prepare_python_backend_env
+from engines.serving import MODEL_NAME, RequestError, free_ports, parse_request, prepare_python_backend_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -139,19 +139,9 @@ def test_libpython_of_this_interpreter_goes_first():
 
 
 # -- a real server ---------------------------------------------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Server:
     def __init__(self, export_dir: Path, log_path: Path) -> None:
-        self.http, self.grpc, self.metrics = _free_ports(3)
+        self.http, self.grpc, self.metrics = free_ports(3)
         self.log_path = log_path
         self.log = open(log_path, "w")
         # its own process group, so that the SIGTERM test can signal the whole group (see that test)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engines.serving import free_ports
 from engines.triton_repo import RepoOptions, bundled_server, validate_repository, write_repository
 from exporter.errors import InputError
 
@@ -78,16 +78,6 @@ def test_tensorrt_plan_models_take_batch_limits_from_engine_profiles(mini_export
     assert settings["dit_batch_sizes"] == [1, 2] and d["global_dim"] == 512
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow  # about 70 s: five Python-backend stubs start, each importing torch
 def test_python_form_of_the_repository_serves_in_the_bundled_tritonserver(mini_export, tmp_path):
     import tritonclient.http as httpclient
@@ -98,7 +88,7 @@ def test_python_form_of_the_repository_serves_in_the_bundled_tritonserver(mini_e
     export, manifest = mini_export
     repo = tmp_path / "repo"
     write_repository(export, repo, RepoOptions(kind="cpu", max_batch=2, graph_backend="python"))
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     argv, env = bundled_server(repo, tmp_path / "work", http, grpc, metrics)
     log = open(tmp_path / "tritonserver.log", "w")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
