@@ -197,7 +197,8 @@ def reload_from_identity(manifest: dict[str, Any]) -> LoadedModel:
         spec = ModelSpec(model=identity["model"], synthetic_weights=True, seed=int(weights.split(":", 1)[1]),
                          config=manifest["model_config"])
     else:
-        source = identity.get("t5_source") or {}
+        source = identity.get("t5_source") or (  # manifests written before t5_source: "dir:<path>"
+            {"path": identity["t5"].split(":", 1)[1]} if identity.get("t5", "").startswith("dir:") else {})
         spec = ModelSpec(model=identity["model"], checkpoint=identity.get("checkpoint"),
                          config=manifest["model_config"], t5=source.get("path"),
                          t5_tokenizer=source.get("tokenizer"))
