@@ -34,7 +34,7 @@ class AccuracySettings:
     prompts: int = 4
     steps: int = 20
     seconds: float = 3.0
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the model's own (SAO 1.0: 7, SAO Small: 1; manifest sampler_defaults)
     seed: int = 0
     heldout_seed: int = 1234
 
@@ -93,7 +93,8 @@ def heldout_prompts(calibration_prompts: Sequence[str], count: int, seed: int) -
 def _options(pipeline: Pipeline, prompt: str, seed: int, settings: AccuracySettings) -> GenerateOptions:
     d = pipeline.manifest["sampler_defaults"]
     return GenerateOptions(prompt=prompt, seconds=settings.seconds, steps=settings.steps,
-                           cfg_scale=settings.cfg_scale, seed=seed, sampler_type=d["sampler_type"],
+                           cfg_scale=float(d.get("cfg_scale", 7.0) if settings.cfg_scale is None else settings.cfg_scale),
+                           seed=seed, sampler_type=d["sampler_type"],
                            sigma_min=d["sigma_min"], sigma_max=d["sigma_max"], rho=d["rho"])
 
 
@@ -198,7 +199,7 @@ def write_report(directory: Path, rows: Sequence[dict[str, Any]], context: dict[
     (Path(directory) / "report.json").write_text(json.dumps({"schema_version": 1, **context, "rows": list(rows)},
                                                             indent=1) + "\n")
     lines = ["# quadit accuracy report", "", f"Held-out prompts ({len(context['prompts'])}), {context['settings']['steps']} "
-             f"steps, {context['settings']['seconds']} s, CFG {context['settings']['cfg_scale']}; reference: "
+             f"steps, {context['settings']['seconds']} s, CFG {context['settings']['cfg_scale'] or 'of the model'}; reference: "
              "the FP32 graph in ONNX Runtime. SQNR of the DiT output on the FP32 trajectory's inputs, averaged "
              "per timestep bucket (b0 = noisiest); final-latent SNR after the whole sampler run.", "", table]
     (Path(directory) / "report.md").write_text("\n".join(lines))
