@@ -64,7 +64,11 @@ def test_report_shows_timestep_smoothquant_beating_minmax_and_modelopt(w8a8_expo
     out, manifest, _ = w8a8_export
     report = json.loads((out / "report.json").read_text())
     rows = {r["name"].split()[0]: r for r in report["rows"]}
-    assert set(rows) == {"quadit", "minmax", "ModelOpt"}
+    # a TensorRT-target export also carries the same recipe on the FP32 graph (exact Q/DQ): the FP16 graph's cost
+    assert set(rows) == {"quadit", "minmax", "ModelOpt", "same"}
+    assert abs(rows["same"]["mean_step_sqnr_db"] - rows["quadit"]["mean_step_sqnr_db"]) < 1.0
+    assert manifest["report"]["fp16_cost_db"]["mean_step_sqnr"] == pytest.approx(
+        rows["same"]["mean_step_sqnr_db"] - rows["quadit"]["mean_step_sqnr_db"])
     assert len(report["prompts"]) == 2 and all(len(r["buckets"]) == 3 for r in report["rows"])
     ours = rows["quadit"]["mean_step_sqnr_db"]
     assert ours > rows["minmax"]["mean_step_sqnr_db"] + 3.0
@@ -72,6 +76,18 @@ def test_report_shows_timestep_smoothquant_beating_minmax_and_modelopt(w8a8_expo
     assert rows["quadit"]["mean_cosine"] > 0.98 and np.isfinite(rows["quadit"]["final_latent_snr_db"])
     assert "| quadit w8a8" in (out / "report.md").read_text()
     assert manifest["report"]["mean_step_sqnr_db"] == pytest.approx(ours)
+
+
+def test_check_passes_on_the_tensorrt_target_export(w8a8_export):
+    """scripts/check.py on the FP16-based TensorRT-target graph (its Q/DQ run as float math in ONNX Runtime)."""
+    out, manifest, _ = w8a8_export
+    assert manifest["graphs"]["dit"]["base_precision"] == "fp16"
+    assert manifest["quantization"]["tensorrt_precision"]["violations"] == []
+    assert manifest["quantization"]["predicted_speed"]["kind"].startswith("PREDICTION")
+    proc = run_script("check.py", "--export", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "check_report.json").read_text())
+    assert report["passed"] and report["comparisons"][0]["sqnr_db"] >= report["thresholds"]["min_sqnr_db"]
 
 
 def test_quantized_export_generates_audio(w8a8_export, tmp_path):
