@@ -226,13 +226,11 @@ def _conv(g: _Graph, n: onnx.NodeProto) -> Layer:
     kind_x, _, _ = g.source(n.input[0])
     w_name = dq.input[0] if dq is not None else n.input[1]
     w_shape = g.shape(w_name)
-    group = next((a.i for a in n.attribute if a.name == "group"), 1)
-    per_out = float(np.prod(w_shape[1:])) if w_shape else float("nan")
+    per_out = float(np.prod(w_shape[1:])) if w_shape else float("nan")  # weight dims hold in_channels / group
     flops = 2.0 * _numel(g.shape(n.output[0])) * per_out
     compute = _float_name(g.ftype(n.output[0]))
     quantized = kind_w == "weight-dq" and kind_x == "act-dq"
     precision = f"INT8 ({compute} out)" if quantized else compute + (" (TF32)" if compute == "FP32" else "")
-    del group  # weight dims already hold in_channels / group
     w_bytes = g.nbytes(w_name)
     return Layer(n.name, "Conv", "Conv", precision, compute, flops,
                  g.nbytes(n.input[0]) + g.nbytes(n.output[0]) + w_bytes, w_bytes, quantized)

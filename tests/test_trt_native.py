@@ -65,7 +65,6 @@ def test_fp16_quantized_graph_runs_every_gemm_attention_and_softmax_below_fp32(q
     share = pmap.flop_share()
     assert share[want.split()[0]] > 0.75 and share.get("FP32", 0) < 0.01
     inits = {t.name: t for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     for n in dqs:  # every scale FP16 and strictly positive in FP16
         scale = inits[n.input[1]]
@@ -76,7 +75,6 @@ def test_fp16_quantized_graph_runs_every_gemm_attention_and_softmax_below_fp32(q
         users = {i: n for n in model.graph.node for i in n.input}
         assert all(users[n.output[0]].op_type == "MatMul" and users[n.output[0]].input[1] == n.output[0] for n in int4)
         assert all(next(a.i for a in n.attribute if a.name == "block_size") == 64 for n in int4)
-    del producers
 
 
 @pytest.mark.parametrize("scheme", list(RECIPES))
