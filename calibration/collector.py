@@ -7,15 +7,24 @@ the collector maps `t` to a bucket with `BucketSpec` and reduces every hooked in
 - per bucket: a log2-spaced histogram of |x| (exact integer counts, so merging ranks or resumed runs
   is a sum and bit-identical regardless of order)             -> `<layer>.hist` [K, NB] int64
 - per sampler step: per-tensor abs-max (for range growth)     -> `<layer>.step_absmax` [S]
+- optionally, pooled over buckets: the input second moment E[x x^T] (what error-minimising weight
+  rounding needs: a Linear's output error from a weight change D is tr(D E[x x^T] D^T))
+                                                              -> `<layer>.xtx` [C, C], `<layer>.xtx_rows`
+- optionally, per bucket: a uniform reservoir sample of R input rows, bfloat16 (what searched activation scales and
+  loss-driven smoothing measure output error on)             -> `<layer>.rows` [K, R, C], `<layer>.rows_seen` [K]
 
 Percentiles of |x| per bucket come from the histogram at the end (`<layer>.pctl` [K, P]); their
 resolution is one histogram bin (2^(1/16) = 4.4% by default), always clipped to the exact abs-max.
-Memory is fixed by (layers, K, C, NB, S), not by the number of prompts or steps run.
+Memory is fixed by (layers, K, C, NB, S, R), not by the number of prompts or steps run. The second moments
+are accumulated in float32 (float64 would double a full-size run's memory: 168 layers, up to 6144 wide) and
+skipped for layers wider than `max_moment_channels`; the reservoir uses a seeded generator, so a rerun in
+the same order is bit-identical.
 """
 from __future__ import annotations
 
 import bisect
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -69,6 +78,14 @@ class ObserverSettings:
     bins_per_octave: int = 16
     min_exp: int = -24  # |x| below 2^-24 (FP16's smallest subnormal) counts in the first bin
     max_exp: int = 24
+    second_moments: bool = False
+    max_moment_channels: int = 4096
+    sample_rows: int = 0  # R per bucket; 0: no reservoir
+
+    def __post_init__(self) -> None:
+        if self.sample_rows < 0 or self.max_moment_channels < 1:
+            raise ValueError(f"sample_rows must be >= 0 and max_moment_channels >= 1, got {self.sample_rows}, "
+                             f"{self.max_moment_channels}")
 
     @property
     def num_bins(self) -> int:
@@ -107,6 +124,15 @@ class ActivationCollector:
             self.state[f"{name}.ch_absmax"] = torch.zeros(k, channels)
             self.state[f"{name}.hist"] = torch.zeros(k, self.settings.num_bins, dtype=torch.int64)
             self.state[f"{name}.step_absmax"] = torch.zeros(self.num_steps)
+            s = self.settings
+            if s.second_moments and channels <= s.max_moment_channels:
+                self.state[f"{name}.xtx"] = torch.zeros(channels, channels)
+                self.state[f"{name}.xtx_rows"] = torch.zeros(1, dtype=torch.int64)
+            if s.sample_rows:
+                # bfloat16: FP32's range (massive activations stay finite), 2^-9 rounding, which is far below
+                # the INT8 step the rows are used to measure; half the memory of float32 at full size
+                self.state[f"{name}.rows"] = torch.zeros(k, s.sample_rows, channels, dtype=torch.bfloat16)
+                self.state[f"{name}.rows_seen"] = torch.zeros(k, dtype=torch.int64)
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -121,8 +147,31 @@ class ActivationCollector:
         idx = ((torch.log2(flat.clamp_min(2.0 ** s.min_exp)) - s.min_exp) * s.bins_per_octave).floor()
         counts = torch.bincount(idx.clamp(0, s.num_bins - 1).long().flatten(), minlength=s.num_bins)
         self.state[f"{name}.hist"][self.bucket] += counts.cpu()
+        signed = x.reshape(-1, x.shape[-1])
+        if f"{name}.xtx" in self.state:
+            xs = signed.cpu()
+            self.state[f"{name}.xtx"].addmm_(xs.T, xs)
+            self.state[f"{name}.xtx_rows"] += xs.shape[0]
+        if f"{name}.rows" in self.state:
+            self._reservoir(name, signed.cpu())
         if self.sample_hook is not None:
             self.sample_hook(name, channel_max)
+
+    def _reservoir(self, name: str, rows: torch.Tensor) -> None:
+        """Algorithm R over this bucket's rows: after n rows, each is in the sample with probability R/n."""
+        store, seen = self.state[f"{name}.rows"][self.bucket], self.state[f"{name}.rows_seen"]
+        n0, cap, m = int(seen[self.bucket]), store.shape[0], rows.shape[0]
+        fill = max(0, min(cap - n0, m))
+        if fill:
+            store[n0:n0 + fill] = rows[:fill].to(store.dtype)
+        if fill < m:
+            index = torch.arange(n0 + fill, n0 + m, dtype=torch.float64)  # 0-based global index of each row
+            # seeded by (layer, bucket, rows seen): a resumed run draws exactly what an uninterrupted one does
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{self.bucket}/{n0}".encode()))
+            draw = (torch.rand(m - fill, generator=gen, dtype=torch.float64) * (index + 1)).long()
+            keep = draw < cap
+            store[draw[keep]] = rows[fill:][keep].to(store.dtype)
+        seen[self.bucket] += m
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -146,8 +195,14 @@ class ActivationCollector:
         for key, value in other.items():
             if key not in self.state:
                 self.state[key] = value.clone()
-            elif key.endswith(".hist"):
+            elif key.endswith((".hist", ".xtx", ".xtx_rows", ".rows_seen")):
+                if key.endswith(".rows_seen"):
+                    continue  # merged with its rows below
                 self.state[key] += value
+            elif key.endswith(".rows"):
+                base = key[:-len(".rows")]
+                self.state[key], self.state[f"{base}.rows_seen"] = merge_reservoirs(
+                    self.state[key], self.state[f"{base}.rows_seen"], value, other[f"{base}.rows_seen"])
             else:
                 torch.maximum(self.state[key], value, out=self.state[key])
 
@@ -160,6 +215,18 @@ class ActivationCollector:
             for suffix, op in ((".ch_absmax", dist.ReduceOp.MAX), (".step_absmax", dist.ReduceOp.MAX),
                                (".hist", dist.ReduceOp.SUM)):
                 dist.all_reduce(self.state[name + suffix], op=op)
+            if f"{name}.xtx" in self.state:
+                dist.all_reduce(self.state[f"{name}.xtx"], op=dist.ReduceOp.SUM)
+                dist.all_reduce(self.state[f"{name}.xtx_rows"], op=dist.ReduceOp.SUM)
+            if f"{name}.rows" in self.state:
+                rows = [torch.zeros_like(self.state[f"{name}.rows"]) for _ in range(dist.get_world_size())]
+                seen = [torch.zeros_like(self.state[f"{name}.rows_seen"]) for _ in range(dist.get_world_size())]
+                dist.all_gather(rows, self.state[f"{name}.rows"])
+                dist.all_gather(seen, self.state[f"{name}.rows_seen"])
+                merged, total = rows[0], seen[0]
+                for r, n in zip(rows[1:], seen[1:]):
+                    merged, total = merge_reservoirs(merged, total, r, n)
+                self.state[f"{name}.rows"], self.state[f"{name}.rows_seen"] = merged, total
 
     # results ---------------------------------------------------------------------------------------
     def percentiles(self, name: str) -> torch.Tensor:
@@ -189,7 +256,32 @@ class ActivationCollector:
             out[f"{name}.pctl"] = self.percentiles(name).contiguous()
             out[f"{name}.hist"] = self.state[f"{name}.hist"].contiguous()
             out[f"{name}.step_absmax"] = self.state[f"{name}.step_absmax"].contiguous()
+            if f"{name}.xtx" in self.state:
+                rows = self.state[f"{name}.xtx_rows"].clamp_min(1)
+                out[f"{name}.xtx"] = (self.state[f"{name}.xtx"] / rows.float()).contiguous()
+                out[f"{name}.xtx_rows"] = self.state[f"{name}.xtx_rows"].contiguous()
+            if f"{name}.rows" in self.state:
+                out[f"{name}.rows"] = self.state[f"{name}.rows"].contiguous()
+                out[f"{name}.rows_seen"] = self.state[f"{name}.rows_seen"].contiguous()
         return out
+
+
+def merge_reservoirs(a: torch.Tensor, a_seen: torch.Tensor, b: torch.Tensor, b_seen: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two per-bucket reservoirs [K, R, C] of runs that saw a_seen / b_seen rows: per bucket, a share of R
+    from each in proportion to the rows it saw (each reservoir is a uniform sample of its own rows)."""
+    out = a.clone()
+    for k in range(a.shape[0]):
+        na, nb, cap = int(a_seen[k]), int(b_seen[k]), a.shape[1]
+        ha, hb = min(na, cap), min(nb, cap)
+        if na + nb <= cap:
+            out[k, ha:ha + hb] = b[k, :hb]
+            continue
+        take_b = min(hb, round(cap * nb / (na + nb)))
+        take_a = min(ha, cap - take_b)
+        take_b = cap - take_a
+        out[k] = torch.cat([a[k, :take_a], b[k, :take_b]])
+    return out, a_seen + b_seen
 
 
 def schedule_t(sigmas: Sequence[float]) -> list[float]:

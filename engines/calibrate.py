@@ -48,6 +48,10 @@ class CalibrationSettings:
     budget: int = 0
     percentiles: tuple[float, ...] = (99.0, 99.9, 99.99)
     device: str = "cpu"
+    # what GPTQ-style weight rounding (E[x x^T] per layer) and searched activation scales / loss-driven
+    # smoothing (a reservoir of input rows per bucket) need; see calibration/collector.py
+    second_moments: bool = True
+    sample_rows: int = 128
 
     def __post_init__(self) -> None:
         if self.steps < 2 or not 1 <= self.buckets <= self.steps:
@@ -56,6 +60,8 @@ class CalibrationSettings:
             raise InputError(f"--bucket-by must be 'step' or 't', got {self.bucket_by!r}")
         if self.selection not in SELECTIONS:
             raise InputError(f"unknown selection '{self.selection}' (choose from: {', '.join(SELECTIONS)})")
+        if self.sample_rows < 0:
+            raise InputError(f"--sample-rows must be >= 0, got {self.sample_rows}")
         if self.selection != "all" and self.budget < 1:
             raise InputError(f"--selection {self.selection} needs --budget B >= 1 (prompt, timestep) samples")
 
@@ -66,6 +72,12 @@ class CalibrationSettings:
                             "rho": 1.0}
         cfg = base["cfg_scale"] if self.cfg_scale is None else self.cfg_scale
         return {**base, "steps": self.steps, "cfg_scale": float(cfg), "seconds": self.seconds}
+
+
+def layer_observer(settings: CalibrationSettings) -> ObserverSettings:
+    """What the quantizable layers' collector records (the block collector keeps ranges only)."""
+    return ObserverSettings(percentiles=settings.percentiles, second_moments=settings.second_moments,
+                            sample_rows=settings.sample_rows)
 
 
 def _dist() -> tuple[int, int]:
@@ -98,8 +110,7 @@ class _Run:
         blocks = list(transformer_blocks(dit).items())
         last_qkv = f"{blocks[-1][0]}.self_attn.to_qkv"
         self.probe_names = {"range": blocks[0][0], "map": last_qkv}
-        self.collector = ActivationCollector(self.layers, self.buckets, settings.steps,
-                                             ObserverSettings(percentiles=settings.percentiles))
+        self.collector = ActivationCollector(self.layers, self.buckets, settings.steps, layer_observer(settings))
         self.blocks = dict(blocks)
         self.block_collector = ActivationCollector(self.blocks, self.buckets, settings.steps,
                                                    ObserverSettings(percentiles=settings.percentiles))
@@ -278,7 +289,7 @@ def _calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSet
         "prompts": {"source": prompt_source, "count": len(prompts), "sha256": artifact.prompts_hash(prompts),
                     "list": prompts},
         "seeds": {"base": settings.seed, "rule": "prompt i uses seed base + i"},
-        "observer": ObserverSettings(percentiles=settings.percentiles).to_json(),
+        "observer": layer_observer(settings).to_json(),
         "layers": [{"name": n, "channels": int(tensors[f"{n}.ch_absmax"].shape[1])} for n in layer_order],
         "probes": run.probe_names,
         "blocks": list(run.blocks),

@@ -9,13 +9,18 @@ For factors s (from the channel maxima, as in SmoothQuant) the model charges, pe
   scales, the overall maximum without), spread through the smoothed weight: (r_k/127)^2 / 12 * sum_j s_j^2 |W_j|^2;
 - weight noise: per output channel step max_j |s_j W_ij| / qmax, spread through the smoothed activation:
   sum_i d_i^2 / 12 * sum_j (a_kj / s_j)^2.
-Channel maxima stand in for magnitudes (the artifact keeps maxima, not second moments), which is the
-same proxy SmoothQuant's formula uses. The search is over a fixed alpha grid, so it is deterministic.
+Channel maxima stand in for magnitudes, which is the same proxy SmoothQuant's formula uses. The search is
+over a fixed alpha grid, so it is deterministic.
+
+`best_alpha_loss` replaces the model by the measured output error on the artifact's reservoir of input
+rows (AWQ's search): the noise model treats every channel's error as independent and uniform, which
+misjudges channels whose typical values are far below their maxima.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from exporter.qdq import fake_quantize_weight
 from exporter.smoothing import smoothing_factors
 
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(19))  # 0.00 (all range to the activations) .. 0.90
@@ -45,4 +50,40 @@ def best_alpha(ch_absmax: np.ndarray, w_kn: np.ndarray, per_bucket_scale: bool, 
     qmax = 127 if weight_bits == 8 else 7
     costs = {alpha: noise_model(ch_absmax, w_kn, smoothing_factors(a_max, w_max, alpha).astype(np.float64),
                                 per_bucket_scale, qmax, quantize_activations) for alpha in ALPHAS}
+    return min(costs, key=costs.get), costs
+
+
+def _fake_act(x: np.ndarray, scale: float) -> np.ndarray:
+    return np.clip(np.rint(x / scale), -127, 127) * scale
+
+
+def loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarray, per_bucket_scale: bool,
+         weight_bits: int, block: int, quantize_activations: bool) -> float:
+    """Measured relative output error of the smoothed, quantized Linear(s) on calibration rows, averaged
+    over buckets: sum_k ||X_k W - Q(X_k / s) Q(s W)||^2 / ||X_k W||^2. Activations are quantized per
+    tensor with the bucket's calibrated range (per-bucket scales) or the overall one, as deployed;
+    weights round to nearest (the search ranks smoothing strengths; GPTQ runs afterwards)."""
+    x = np.asarray(rows, np.float64)                              # [K, R, C]
+    w = np.asarray(w_kn, np.float64)
+    wq = fake_quantize_weight(w * s[:, None], weight_bits, block)
+    ranges = (np.asarray(ch_absmax, np.float64) / s[None, :]).max(axis=1)   # [K]
+    if not per_bucket_scale:
+        ranges = np.full_like(ranges, ranges.max())
+    total = 0.0
+    for k in range(x.shape[0]):
+        ref = x[k] @ w
+        xs = x[k] / s[None, :]
+        xq = _fake_act(xs, max(ranges[k], 1e-12) / 127) if quantize_activations else xs
+        total += float(((ref - xq @ wq) ** 2).sum() / max(float((ref ** 2).sum()), 1e-300))
+    return total / x.shape[0]
+
+
+def best_alpha_loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, per_bucket_scale: bool,
+                    weight_bits: int, block: int, quantize_activations: bool) -> tuple[float, dict[float, float]]:
+    """(alpha, {alpha: measured error}) by `loss` over the same grid and factors as `best_alpha` (AWQ's
+    search, on the artifact's reservoir of input rows instead of a noise model)."""
+    a_max = np.asarray(ch_absmax, np.float64).max(axis=0)
+    w_max = np.abs(np.asarray(w_kn, np.float64)).max(axis=1)
+    costs = {alpha: loss(rows, ch_absmax, w_kn, smoothing_factors(a_max, w_max, alpha).astype(np.float64),
+                         per_bucket_scale, weight_bits, block, quantize_activations) for alpha in ALPHAS}
     return min(costs, key=costs.get), costs

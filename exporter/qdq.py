@@ -83,19 +83,27 @@ def int4_initializer(name: str, q: np.ndarray) -> onnx.TensorProto:
 
 
 def matmulnbits_weight(w_kn: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits' constant B: unsigned codes with the implicit zero point 2^(bits-1), laid out
-    [N, K / block, block * bits / 8] (4-bit pairs packed low nibble first), and scales [N, K / block].
-    Symmetric codes (|q| <= 2^(bits-1) - 1) sit around that zero point, so this is the same symmetric
-    quantization as the Q/DQ form."""
+    """MatMulNBits' constant B for round-to-nearest abs-max codes (see `matmulnbits_pack`)."""
     k, n = w_kn.shape
     check_block(k, n, block)
     blocks = w_kn.reshape(k // block, block, n)
     scale = _scale(np.abs(blocks).max(axis=1), bits)                          # [K/b, N]
-    q = np.clip(np.rint(blocks / scale[:, None, :]), -QMAX[bits], QMAX[bits]).astype(np.int32)
+    q = np.clip(np.rint(blocks / scale[:, None, :]), -QMAX[bits], QMAX[bits])
+    return matmulnbits_pack(q.reshape(k, n), scale, bits)
+
+
+def matmulnbits_pack(q_kn: np.ndarray, scale: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' constant B from symmetric codes q [K, N] and block scales [K / block, N]: unsigned codes
+    with the implicit zero point 2^(bits-1), laid out [N, K / block, block * bits / 8] (4-bit pairs packed
+    low nibble first), and scales [N, K / block]. Symmetric codes (|q| <= 2^(bits-1) - 1) sit around that
+    zero point, so this is the same symmetric quantization as the Q/DQ form."""
+    k, n = q_kn.shape
+    block = k // scale.shape[0]
+    q = np.asarray(q_kn, np.int32).reshape(k // block, block, n)
     codes = (q + (1 << (bits - 1))).astype(np.uint8).transpose(2, 0, 1)       # [N, K/b, b]
     if bits == 4:
         codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    return np.ascontiguousarray(codes), np.ascontiguousarray(scale.T)
+    return np.ascontiguousarray(codes), np.ascontiguousarray(np.asarray(scale, np.float32).T)
 
 
 def constant(array: np.ndarray | float | int, name: str, dtype: type = np.float32) -> onnx.TensorProto:

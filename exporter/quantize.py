@@ -40,6 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporter import graph_edit, names, qdq
 from exporter.errors import InputError
+from exporter.gptq import WeightQuant, quantize_weight
 from exporter.lowrank import branch_weight_error, svd_split
 from exporter.onnx_layers import LinearSite
 from exporter.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, Recipe, int4_block
@@ -64,10 +65,13 @@ def float_type(model: onnx.ModelProto, initializer: str) -> type:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Calibrated per-bucket input ranges of one Linear: ch_absmax [K, C], absmax [K]."""
+    """Calibrated per-bucket input ranges of one Linear: ch_absmax [K, C], absmax [K]; when the artifact has
+    them, the input second moment xtx = E[x x^T] [C, C] and a reservoir of input rows [K, R, C]."""
 
     ch_absmax: np.ndarray
     absmax: np.ndarray
+    xtx: np.ndarray | None = None
+    rows: np.ndarray | None = None
 
 
 def smoothing_ranges(stats: LayerStats, bucket: int | None) -> np.ndarray:
@@ -95,10 +99,68 @@ def _alphas(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats: Mapp
         ch = ch[bucket:bucket + 1] if bucket is not None else ch
         w_kn = np.concatenate([weight_out_in(model, sites[m]).T for m in members], axis=1)
         settings = active[members[0]]
-        alpha, _ = best_alpha(ch, w_kn, recipe.bucket_policy == "per-bucket-scale" and bucket is None,
-                              8 if settings["scheme"] == "w8a8" else 4, settings["scheme"] != "w4a16")
+        per_bucket_scale = recipe.bucket_policy == "per-bucket-scale" and bucket is None
+        bits, quant_act = 8 if settings["scheme"] == "w8a8" else 4, settings["scheme"] != "w4a16"
+        rows = stats[members[0]].rows
+        if recipe.alpha_search == "loss" and rows is not None:
+            from exporter.alpha_search import best_alpha_loss
+
+            rows = rows[bucket:bucket + 1] if bucket is not None else rows
+            alpha, _ = best_alpha_loss(rows, ch, w_kn, per_bucket_scale, bits, int(settings["block_size"]), quant_act)
+        else:
+            if recipe.alpha_search == "loss":
+                _warn_once("alpha_search 'loss' needs the artifact's input rows (calibrate with this quadit); "
+                           "using the noise model")
+            alpha, _ = best_alpha(ch, w_kn, per_bucket_scale, bits, quant_act)
         out.update({m: alpha for m in members})
     return out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
+def _hessian(stats: LayerStats, factors: np.ndarray | None, recipe: Recipe) -> np.ndarray | None:
+    """E[x' x'^T] of the MatMul's actual input x' = x / s (smoothing divides channel j by s_j), or None
+    when round-to-nearest is asked or the artifact has no second moments."""
+    if recipe.weight_rounding != "gptq" and recipe.weight_clip != "mse":
+        return None
+    if stats.xtx is None:
+        if recipe.weight_rounding == "gptq":
+            _warn_once("weight_rounding 'gptq' needs the artifact's second moments (calibrate with this quadit, "
+                       "without --no-second-moments); those layers round to nearest")
+        return None
+    h = np.asarray(stats.xtx, np.float64)
+    if factors is not None:
+        inv = 1.0 / np.asarray(factors, np.float64)
+        h = h * inv[:, None] * inv[None, :]
+    return h
+
+
+def _act_clip(stats: Mapping[str, LayerStats], members: Sequence[str], factors: Mapping[str, np.ndarray],
+              model: onnx.ModelProto, sites: Mapping[str, LinearSite], per_bucket: np.ndarray, shared: bool,
+              bucket: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Clip ratios of a static activation's per-bucket ranges by exporter/act_scales.py's search, on the
+    reservoir rows after smoothing, through the (smoothed, float) weights of every member."""
+    from exporter.act_scales import search_clip
+
+    rows = stats[members[0]].rows
+    if rows is None:
+        _warn_once("act_clip 'mse' needs the artifact's input rows (calibrate with this quadit); using abs-max")
+        return np.ones(len(per_bucket)), {}
+    rows = np.asarray(rows, np.float64) / factors.get(members[0], np.ones(rows.shape[-1]))[None, None, :]
+    w = np.concatenate([_weight_in_out(model, graph_edit.node_by_name(model, sites[m].node), m) for m in members], axis=1)
+    if bucket is not None:
+        ratios, info = search_clip(rows[bucket:bucket + 1], per_bucket[bucket:bucket + 1], w, True)
+        out = np.ones(len(per_bucket))
+        out[bucket] = ratios[0]
+        return out, info
+    return search_clip(rows, per_bucket, w, shared)
 
 
 def _bucket_index(model: onnx.ModelProto, edges: Sequence[float], t_input: str = "t") -> str:
@@ -146,16 +208,17 @@ def _static_qdq(model: onnx.ModelProto, tensor: str, scale: float, dtype: type =
 
 
 def _weight_dq(model: onnx.ModelProto, layer: str, w_kn: np.ndarray, bits: int, block: int,
-               dtype: type = np.float32) -> tuple[str, np.ndarray]:
+               dtype: type = np.float32, how: WeightQuant = WeightQuant(), hessian: np.ndarray | None = None
+               ) -> tuple[str, np.ndarray]:
     """Weight DQ with its scale in `dtype`: the DQ outputs `dtype` straight into the MatMul's weight input
     (TensorRT's INT4 weight-only GEMM needs exactly that: an FP16 DQ output feeding the MatMul)."""
     g = model.graph
     if bits == 8:
-        q, scale = qdq.quantize_int8_per_channel(w_kn, dtype)
+        q, scale = quantize_weight(w_kn, 8, None, dtype, how, hessian)
         g.initializer.append(numpy_helper.from_array(q, names.weight_q(layer)))
         attrs = {"axis": 1}
     else:
-        q, scale = qdq.quantize_int4_blockwise(w_kn, block, dtype)
+        q, scale = quantize_weight(w_kn, 4, block, dtype, how, hessian)
         g.initializer.append(qdq.int4_initializer(names.weight_q(layer), q))
         attrs = {"axis": 0, "block_size": block}
     g.initializer.append(qdq.constant(scale, names.weight_scale(layer), dtype))
@@ -164,8 +227,9 @@ def _weight_dq(model: onnx.ModelProto, layer: str, w_kn: np.ndarray, bits: int, 
     return names.weight_dq(layer), scale
 
 
-def _nbits(model: onnx.ModelProto, layer: str, x: str, w_kn: np.ndarray, bits: int, block: int, out: str) -> np.ndarray:
-    codes, scale = qdq.matmulnbits_weight(w_kn, bits, block)
+def _nbits(model: onnx.ModelProto, layer: str, x: str, w_kn: np.ndarray, bits: int, block: int, out: str,
+           how: WeightQuant = WeightQuant(), hessian: np.ndarray | None = None) -> np.ndarray:
+    codes, scale = qdq.matmulnbits_pack(*quantize_weight(w_kn, bits, block, np.float32, how, hessian), bits)
     k, n = w_kn.shape
     model.graph.initializer.extend([numpy_helper.from_array(codes, names.weight_q(layer)),
                                     qdq.constant(scale, names.weight_scale(layer))])
@@ -184,8 +248,9 @@ def _dql(model: onnx.ModelProto, tensor: str) -> tuple[str, str, str]:
     return outs[0], outs[1], outs[2]
 
 
-def _matmulinteger(model: onnx.ModelProto, layer: str, xq: tuple[str, str, str], w_kn: np.ndarray, out: str) -> np.ndarray:
-    q, scale = qdq.quantize_int8_per_channel(w_kn)
+def _matmulinteger(model: onnx.ModelProto, layer: str, xq: tuple[str, str, str], w_kn: np.ndarray, out: str,
+                   how: WeightQuant = WeightQuant(), hessian: np.ndarray | None = None) -> np.ndarray:
+    q, scale = quantize_weight(w_kn, 8, None, np.float32, how, hessian)
     g = model.graph
     g.initializer.extend([numpy_helper.from_array(q, names.weight_q(layer)), qdq.constant(scale, names.weight_scale(layer))])
     mo = lambda p: names.matmul_out(layer, p)  # noqa: E731
@@ -300,6 +365,11 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                              for m in members], axis=0)
         per_bucket = np.maximum(per_bucket, 1e-8)
         static = scheme != "w4a16" and activations == "static"
+        clip_info: dict[str, Any] = {}
+        if static and recipe.act_clip == "mse":
+            shared = bucket is None and not (recipe.bucket_policy == "per-bucket-scale" and k_buckets > 1)
+            ratios, clip_info = _act_clip(stats, members, factors, model, sites, per_bucket, shared, bucket)
+            per_bucket = per_bucket * ratios
         x_q, inverse, act_scales = tensor, None, None
         if static:
             if bucket is not None:
@@ -328,10 +398,13 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
             rec = record.setdefault(layer, {"smoothed": False})
             rec.update({"quantized": True, "scheme": scheme, "activations": activations if scheme != "w4a16" else "none",
                         "weight_bits": bits, "block_size": block if bits == 4 else None, "rank": rank,
-                        "act_scales": act_scales, "act_range_per_bucket": [float(r) for r in per_bucket]})
+                        "act_scales": act_scales, "act_range_per_bucket": [float(r) for r in per_bucket],
+                        **clip_info, "weight_rounding": recipe.weight_rounding, "weight_clip": recipe.weight_clip})
             if rank:
                 l1, l2, w_kn = svd_split(w_kn, rank)
                 rec.update(branch_weight_error(l1, l2, w_kn, bits, block))
+            how = WeightQuant(recipe.weight_rounding, recipe.weight_clip)
+            hessian = _hessian(stats[layer], factors.get(layer), recipe)
             final_out = node.output[0]
             raw = names.matmul_out(layer, "raw") if (inverse or rank) else final_out
             dynamic = scheme != "w4a16" and activations == "dynamic"
@@ -339,15 +412,15 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                 raise InputError(f"layer {layer}: {scheme} {activations} runs as ONNX Runtime kernels on the FP32 "
                                  "graph; quantize the FP32 graph for it (--target onnxruntime)")
             if scheme == "w4a8" or (dynamic and dynamic_kernel == "nbits"):
-                scale = _nbits(model, layer, x_q, w_kn, bits, block, raw)
+                scale = _nbits(model, layer, x_q, w_kn, bits, block, raw, how, hessian)
                 kernel = f"MatMulNBits(bits={bits}, accuracy_level=4)"
                 model.graph.node.remove(node)
             elif dynamic:
-                scale = _matmulinteger(model, layer, _dql(model, tensor), w_kn, raw)
+                scale = _matmulinteger(model, layer, _dql(model, tensor), w_kn, raw, how, hessian)
                 kernel = "DynamicQuantizeLinear+MatMulInteger"
                 model.graph.node.remove(node)
             else:
-                w_dq, scale = _weight_dq(model, layer, w_kn, bits, block, ftype)
+                w_dq, scale = _weight_dq(model, layer, w_kn, bits, block, ftype, how, hessian)
                 node.input[0], node.input[1] = x_q, w_dq
                 node.output[0] = raw
                 kernel = "Q/DQ MatMul"

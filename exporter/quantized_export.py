@@ -72,7 +72,11 @@ def read_calibration(directory: Path, loaded: LoadedModel) -> Calibration:
     meta, tensors = artifact.read(Path(directory))
     layers = quantizable_linears(loaded.dit)
     artifact.check_matches(meta, loaded.identity, {n: m.in_features for n, m in layers.items()})
-    stats = {n: LayerStats(tensors[f"{n}.ch_absmax"].numpy(), tensors[f"{n}.absmax"].numpy()) for n in layers}
+    def get(key: str) -> Any:
+        return tensors[key].float().numpy() if key in tensors else None
+
+    stats = {n: LayerStats(tensors[f"{n}.ch_absmax"].numpy(), tensors[f"{n}.absmax"].numpy(), get(f"{n}.xtx"),
+                           get(f"{n}.rows")) for n in layers}
     return Calibration(Path(directory), meta, stats, tuple(meta["buckets"]["edges"]))
 
 

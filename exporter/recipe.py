@@ -29,6 +29,9 @@ ACTIVATIONS = ("static", "dynamic")
 # set (and graph) per bucket, needed when smoothing factors differ per bucket.
 BUCKET_POLICIES = ("shared", "per-bucket-scale", "per-bucket-graph")
 TARGETS = ("onnxruntime", "tensorrt")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
+CLIPS = ("absmax", "mse")
+ALPHA_SEARCHES = ("noise", "loss")
 # ONNX Runtime's blocked DequantizeLinear / MatMulNBits take any power of two >= 16
 ORT_INT4_BLOCKS = (16, 32, 64, 128, 256, 512, 1024)
 # TensorRT's INT4 weight-only GEMM: block sizes 64 and 128 only (ARCHITECTURE.md section 3; NVIDIA's ONNX INT4
@@ -72,6 +75,12 @@ class Recipe:
     bucket_policy: str = "per-bucket-scale"
     block_size: int = 128
     rules: tuple[LayerRule, ...] = field(default_factory=tuple)
+    # issue 14's passes (exporter/gptq.py, act_scales.py, alpha_search.py): weight rounding nearest|gptq,
+    # weight scale clip absmax|mse, static activation clip absmax|mse, smoothing strength search noise|loss
+    weight_rounding: str = "nearest"
+    weight_clip: str = "absmax"
+    act_clip: str = "absmax"
+    alpha_search: str = "noise"
     min_sqnr_db: float | None = None
     min_cosine: float | None = None
     version: int = RECIPE_VERSION
@@ -82,6 +91,11 @@ class Recipe:
             raise InputError(f"unknown method '{self.method}' (choose from: {', '.join(METHODS)})")
         if self.bucket_policy not in BUCKET_POLICIES:
             raise InputError(f"unknown bucket policy '{self.bucket_policy}' (choose from: {', '.join(BUCKET_POLICIES)})")
+        for name, value, allowed in (("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS),
+                                     ("weight_clip", self.weight_clip, CLIPS), ("act_clip", self.act_clip, CLIPS),
+                                     ("alpha_search", self.alpha_search, ALPHA_SEARCHES)):
+            if value not in allowed:
+                raise InputError(f"unknown {name} '{value}' (choose from: {', '.join(allowed)})")
         if self.version != RECIPE_VERSION:
             raise InputError(f"recipe version {self.version} is not supported (this quadit writes {RECIPE_VERSION})")
         if self.method == "minmax" and self.bucket_policy == "per-bucket-graph":

@@ -30,6 +30,11 @@ def main() -> int:
     parser.add_argument("--selection", default="all", help="all, uniform, random or activation-aware")
     parser.add_argument("--budget", type=int, default=0, help="(prompt, step) samples kept by --selection")
     parser.add_argument("--calib-seed", type=int, default=0, help="seed of prompts, noise and selection")
+    parser.add_argument("--sample-rows", type=int, default=128,
+                        help="input rows kept per layer and bucket for searched activation scales and loss-driven "
+                             "smoothing (0: none)")
+    parser.add_argument("--no-second-moments", action="store_true",
+                        help="skip E[x x^T] per layer (GPTQ weight rounding then falls back to round-to-nearest)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", required=True, help="artifact directory (replaced atomically)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -47,7 +52,8 @@ def main() -> int:
 
     settings = CalibrationSettings(steps=args.steps, buckets=args.buckets, bucket_by=args.bucket_by,
                                    cfg_scale=args.cfg_scale, seed=args.calib_seed,
-                                   selection=args.selection, budget=args.budget, device=args.device)
+                                   selection=args.selection, budget=args.budget, device=args.device,
+                                   second_moments=not args.no_second_moments, sample_rows=args.sample_rows)
     if args.num_prompts < 1:
         raise InputError("--num-prompts must be >= 1")
     check_torch_device(args.device)
