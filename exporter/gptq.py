@@ -79,16 +79,13 @@ def _round(w: np.ndarray, scale64: np.ndarray, qmax: int) -> np.ndarray:
 def _inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1, so that H^-1 = U^T U."""
     h = np.array(hessian, np.float64)
-    diag = np.diag(h).copy()
-    dead = diag <= 0
+    dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += damp * max(float(np.mean(np.diag(h))), 1e-12)
-    for extra in (0.0, 0.1, 1.0):
+    mean = max(float(np.mean(np.diag(h))), 1e-12)
+    for extra in (damp, damp + 0.1, damp + 1.0):
         try:
-            if extra:
-                h[np.diag_indices_from(h)] += extra * float(np.mean(np.diag(h)))
-            inv = np.linalg.inv(np.linalg.cholesky(h))  # L^-1, with H = L L^T
-            return np.linalg.cholesky(inv.T @ inv).T
+            l_inv = np.linalg.inv(np.linalg.cholesky(h + extra * mean * np.eye(h.shape[0])))  # H = L L^T
+            return np.linalg.cholesky(l_inv.T @ l_inv).T
         except np.linalg.LinAlgError:
             continue
     raise ValueError("second-moment matrix is not positive definite even with damping")

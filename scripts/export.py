@@ -32,6 +32,19 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("--bucket-policy", default="per-bucket-scale",
                         help="shared, per-bucket-scale (one graph) or per-bucket-graph (one graph per bucket)")
     parser.add_argument("--block-size", type=int, default=128, help="INT4 block size along K")
+    from exporter.recipe import ALPHA_SEARCHES, CLIPS, WEIGHT_ROUNDINGS, Recipe
+
+    parser.add_argument("--weight-rounding", default=Recipe.weight_rounding, choices=WEIGHT_ROUNDINGS,
+                        help=f"nearest or gptq (error-minimising, from the calibration's E[x x^T]; default "
+                             f"{Recipe.weight_rounding})")
+    parser.add_argument("--weight-clip", default=Recipe.weight_clip, choices=CLIPS,
+                        help=f"weight scales: absmax or mse (searched clip per channel / block; default {Recipe.weight_clip})")
+    parser.add_argument("--act-clip", default=Recipe.act_clip, choices=CLIPS,
+                        help=f"static activation scales: absmax or mse (clip searched on the calibration's input "
+                             f"rows per bucket; default {Recipe.act_clip})")
+    parser.add_argument("--alpha-search", default=Recipe.alpha_search, choices=ALPHA_SEARCHES,
+                        help=f"timestep-smoothquant's strength: noise (model of the ranges) or loss (measured "
+                             f"output error on the calibration's input rows; default {Recipe.alpha_search})")
     parser.add_argument("--dynamic-kernel", default="dql", help="dynamic mode in ORT: dql "
                         "(DynamicQuantizeLinear+MatMulInteger) or nbits (MatMulNBits, int8 compute)")
     parser.add_argument("--recipe", help="a recipe JSON file (overrides the flags above)")
@@ -67,7 +80,9 @@ def _recipe(args: argparse.Namespace):
     method = args.method
     policy = args.bucket_policy if method != "minmax" or args.bucket_policy != "per-bucket-graph" else "shared"
     return Recipe(scheme=args.scheme, method=method, alpha=args.alpha, lowrank=args.lowrank,
-                  activations=args.activations, bucket_policy=policy, block_size=args.block_size)
+                  activations=args.activations, bucket_policy=policy, block_size=args.block_size,
+                  weight_rounding=args.weight_rounding, weight_clip=args.weight_clip, act_clip=args.act_clip,
+                  alpha_search=args.alpha_search)
 
 
 def _calibrate(loaded, args: argparse.Namespace, prompts: list[str], seconds: float, scratch: Path) -> Path:
