@@ -111,6 +111,7 @@ def test_onnxruntime_target_export_writes_the_fused_graph(mini_export, mini, min
         target = tmp_path / attention
         shutil.copytree(out, target)
         doc = json.loads(json.dumps(manifest))
+        (tmp_path / f"scratch-{attention}").mkdir()
         quantize_stage(mini, mini_calibration, QuantizeOptions(recipe, "onnxruntime", attention=attention),
                        tmp_path / f"scratch-{attention}", source=out)(target, doc)
         entry = doc["graphs"]["dit"]
@@ -126,3 +127,35 @@ def test_unknown_fused_attention_is_refused():
 
     with pytest.raises(InputError, match="unknown fused attention"):
         QuantizeOptions(Recipe(scheme="w8a8"), "onnxruntime", attention="flash")
+
+
+def test_profile_counts_the_fused_core_as_attention(fp32_dit, tmp_path):
+    """--breakdown after the change: MultiHeadAttention lands in 'attention MatMuls' (its Softmax inside)."""
+    from engines.ort_profile import profile_session
+
+    model, feeds, _ = fp32_dit
+    fused, _ = fuse_attention(onnx.ModelProto.FromString(model.SerializeToString()), "mha")
+    path = tmp_path / "fused.onnx"
+    onnx.save(fused, str(path))
+    b = profile_session(path, {}, feeds, runs=1)
+    assert b["attention MatMuls"] > 0 and b["Softmax"] == 0 and b["total"] == pytest.approx(sum(
+        v for k, v in b.items() if k != "total"))
+
+
+def test_bench_table_has_every_cpu_denominator():
+    from scripts.bench import CPU_DENOMINATORS, FUSED_FP32, _markdown
+
+    names = {"ort fp32": 100.0, FUSED_FP32: 95.0, "torch eager fp32": 110.0, "ort w8a8 static": 57.0}
+    rows = [{"name": n, "device": "cpu", "length": 1024, "median_ms": ms, "peak_rss_mb": 500.0, "gpu_mb": float("nan"),
+             "size_ratio": None} for n, ms in names.items()]
+    for r in rows:
+        r["vs_baseline"] = r["median_ms"] / 100.0
+        for key, den in CPU_DENOMINATORS.items():
+            r[key] = r["median_ms"] / names[den]
+    doc = {"rows": rows, "runs": 10, "warmup": 1, "schedule": "interleaved", "generate_seconds": {},
+           "machine": {"cpu": "test cpu", "cores": 2, "cpu_flags": "avx2 fma", "loadavg_at_start": (1.0, 1.0, 1.0),
+                       "loadavg_at_end": (2.0, 2.0, 2.0)}}
+    lines = _markdown(doc, "title")
+    row = next(line for line in lines if line.startswith("| ort w8a8 static |"))
+    assert "| 0.57x | 0.600x | 0.518x |" in row
+    assert any("test cpu, 2 cores (avx2 fma)" in line for line in lines)
