@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""DiT step cost in CPU seconds, one thread per candidate: a measure that survives a loaded shared machine.
+"""DiT step cost in CPU seconds, one thread per candidate: a measure less sensitive to a loaded shared machine.
 
 `scripts/bench.py` times wall clock with ORT's thread pool; when the host is oversubscribed (load average
 well above the core count) every candidate waits on the scheduler alike and the ratios collapse towards
 1.0 (measured: w8a8 1.00x of FP32, INT8 GEMM 1.04-1.08x of FP32 at load 10-16 on 2 cores). With one
 intra-op thread the kernels run on the calling thread, so the process CPU time (`time.process_time`) is the work
-the step did, independent of how long it waited. Candidates: PyTorch eager FP32, ORT FP32 as exported,
+the step did, independent of how long it waited (not of cache contention: at load 11 on 2 cores an FP32
+step took 4.9 CPU s against about 1.9 quiet, and INT8 lost its advantage; docs/figures.md). Candidates: PyTorch eager FP32, ORT FP32 as exported,
 ORT FP32 fused, and each given quantized graph, stepped round-robin. Writes cputime.json and cputime.md.
 """
 from __future__ import annotations
