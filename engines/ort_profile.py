@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 CATEGORIES = ("weight GEMMs", "activation quantization", "low-rank branch", "attention MatMuls", "Softmax", "other")
 _QUANT_GEMMS = {"MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulNBits"}
 _FLOAT_GEMMS = {"MatMul", "FusedMatMul", "Gemm"}
+_FUSED_ATTENTION = {"MultiHeadAttention", "Attention"}
 _ACT_QUANT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # suffixes of the node names exporter.names gives the nodes quantization adds
 _ACT_SUFFIXES = ("act_q", "act_dq", "dql", "prescale_mul", "postscale_mul", "_gather", "_unsqueeze")
@@ -84,6 +85,8 @@ def _category_of(event_name: str, op: str, nodes: Mapping[str, str], prefixes: l
             return "activation quantization"
         if op == "Softmax":
             return "Softmax"
+        if op in _FUSED_ATTENTION:  # the whole core, its Softmax included (exporter/ort_fusion.py)
+            return "attention MatMuls"
     return category
 
 

@@ -88,6 +88,34 @@ def export_graph(spec: GraphSpec, path: Path) -> dict[str, Any]:
             "opset": OPSET, "ir_version": min(model.ir_version, IR_VERSION)}
 
 
+# `ort_session_config` keys that name SessionOptions attributes (values are strings in the manifest); every
+# other key is a session config entry ("session.*", "mlas.*"), passed to add_session_config_entry
+SESSION_OPTIONS = {"intra_op_num_threads": int, "inter_op_num_threads": int, "enable_cpu_mem_arena": bool,
+                   "enable_mem_pattern": bool, "graph_optimization_level": str}
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
+
+
+def apply_session_config(options: Any, config: dict[str, str]) -> None:
+    """Set a manifest's `ort_session_config` on `options`: SessionOptions attributes by name (the
+    settings chosen by measurement: threads, arena, graph optimisation level), config entries otherwise."""
+    import onnxruntime as ort
+
+    for key, value in config.items():
+        kind = SESSION_OPTIONS.get(key)
+        if kind is None:
+            options.add_session_config_entry(key, str(value))
+        elif key == "graph_optimization_level":
+            if str(value) not in _OPT_LEVELS:
+                raise ValueError(f"ort_session_config: unknown graph_optimization_level {value!r} "
+                                 f"(choose from: {', '.join(_OPT_LEVELS)})")
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[str(value)])
+        elif kind is bool:
+            setattr(options, key, str(value).lower() in ("1", "true"))
+        else:
+            setattr(options, key, int(value))
+
+
 def ort_session(path: Path, config: dict[str, str] | None = None, profile_prefix: str | None = None,
                 providers: Sequence[Any] | None = None):
     """A session (CPU unless `providers` says otherwise: `engines.providers` picks them for a device);
@@ -98,8 +126,7 @@ def ort_session(path: Path, config: dict[str, str] | None = None, profile_prefix
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    for key, value in (config or {}).items():
-        options.add_session_config_entry(key, value)
+    apply_session_config(options, config or {})
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

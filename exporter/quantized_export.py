@@ -34,6 +34,7 @@ from exporter.models import LoadedModel
 from exporter.onnx_export import PROTOBUF_LIMIT
 from exporter.onnx_layers import locate_linears
 from exporter.quantize import DYNAMIC_KERNELS, LayerStats, quantize_dit
+from exporter.ort_fusion import ATTENTION_OPS, ORT_SESSION_CONFIG, fuse_attention
 from exporter.recipe import Recipe
 from exporter.precision_map import precision_map
 from exporter.speed_model import predict_all
@@ -52,11 +53,15 @@ class QuantizeOptions:
     recipe: Recipe
     target: str = "onnxruntime"
     dynamic_kernel: str = "dql"
+    # fused attention core of the ONNX Runtime target (exporter/ort_fusion.py); 'none' keeps the plain ops
+    attention: str = "mha"
 
     def __post_init__(self) -> None:
         self.recipe.check_target(self.target)
         if self.dynamic_kernel not in DYNAMIC_KERNELS:
             raise InputError(f"unknown dynamic kernel '{self.dynamic_kernel}' (choose from: {', '.join(DYNAMIC_KERNELS)})")
+        if self.attention not in ("none", *ATTENTION_OPS):
+            raise InputError(f"unknown fused attention '{self.attention}' (choose from: none, {', '.join(ATTENTION_OPS)})")
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,13 @@ def check_int4_blocks(loaded: LoadedModel, recipe: Recipe, target: str) -> dict[
         raise InputError(f"no layer of this model splits into INT4 blocks of {recipe.block_size} or smaller; "
                          "use --scheme w8a8")
     return plan
+
+
+def session_config(scheme: str, target: str) -> dict[str, str]:
+    """The manifest's `ort_session_config`: what the graph needs to mean what it says (w4a16's float
+    activations) plus, for the ONNX Runtime target, the session options chosen by measurement."""
+    return {**(ORT_SESSION_CONFIG if target == "onnxruntime" else {}),
+            **(W4A16_SESSION_CONFIG if scheme == "w4a16" else {})}
 
 
 def base_graph(scratch: Path, target: str) -> Path:
@@ -141,6 +153,7 @@ def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: Quant
         targets = [(None, "dit.onnx")] if recipe.bucket_policy != "per-bucket-graph" else \
             [(b, f"dit.bucket{b}.onnx") for b in range(k)]
         files, records, graph_bytes, buckets, precision_summaries, prediction = [], {}, [], [], {}, {}
+        fusion = None
         for bucket, name in targets:
             log.info("quantizing %s (%s, %s%s)", name, recipe.scheme, recipe.method,
                      "" if bucket is None else f", bucket {bucket}")
@@ -157,6 +170,9 @@ def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: Quant
                 if not prediction:
                     base_map = precision_map(onnx.load(str(base), load_external_data=False), latents=PRECISION_MAP_LATENTS)
                     prediction.update(predict_all({"fp16": base_map, recipe.scheme: pmap}))
+            elif options.attention != "none":  # the ONNX Runtime target: the com.microsoft fusions
+                model, fused = fuse_attention(model, options.attention)
+                fusion = {"attention": options.attention, "sites": fused}
             onnx.checker.check_model(model)
             written = graph_edit.save(model, tmp / name, PROTOBUF_LIMIT)
             files += written
@@ -171,7 +187,9 @@ def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: Quant
                       "fp32_weight_bytes": int(fp32_bytes), "size_ratio": graph_bytes[0] / fp32_bytes,
                       "sha256": {f: sha256_file(tmp / f) for f in files},
                       "base_precision": "fp16" if base != fp32 else "fp32",
-                      "ort_session_config": W4A16_SESSION_CONFIG if recipe.scheme == "w4a16" else {}})
+                      "ort_session_config": session_config(recipe.scheme, options.target)})
+        if fusion is not None:
+            entry["ort_fusion"] = fusion
         entry.pop("parity", None)
         if buckets:
             entry["buckets"] = buckets

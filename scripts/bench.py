@@ -7,7 +7,9 @@ torch.compile, and, where TensorRT is installed, engines built from FP16, w8a8 a
 
 Each candidate runs in its own subprocess, so its peak memory is its own. CPU rows are compared with ORT
 FP32, CUDA rows with PyTorch FP16 eager. --breakdown adds ORT's profiler view of where each ORT step's
-time goes and the Amdahl bound that follows. Writes bench.json, bench.md and bench.png. Timings are
+time goes and the Amdahl bound that follows. CPU rows carry three ratios: against ORT FP32 as exported,
+ORT FP32 with the attention fusion the ORT-target graphs get (exporter/ort_fusion.py), and PyTorch eager
+FP32. Writes bench.json, bench.md and bench.png. Timings are
 medians of --runs runs after --warmup runs."""
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ CANDIDATES = {
 TRT_CANDIDATES = {"tensorrt fp16": ("fp16", None), "tensorrt w8a8": ("w8a8", "shared"),
                   "tensorrt w4a16": ("w4a16", "shared")}
 BASELINES = {"cpu": "ort fp32", "cuda": "torch eager fp16 (cuda)"}
+# the CPU denominators every CPU row is also compared with: ORT FP32 as exported, ORT FP32 with the fusions
+# the quantized ORT-target graphs get (the honest baseline), PyTorch eager FP32 (a user's default)
+FUSED_FP32 = "ort fp32 (fused)"
+CPU_DENOMINATORS = {"vs_ort_fp32": "ort fp32", "vs_ort_fp32_fused": FUSED_FP32, "vs_torch_fp32": "torch eager fp32"}
 
 
 def _measure(spec: dict) -> dict:
@@ -104,6 +110,45 @@ def _measure_interleaved(specs: list[dict], warmup: int, runs: int, gap_s: float
             server.close()
 
 
+def _fused_fp32(source: Path, manifest: dict, target: Path, attention: str) -> tuple[Path, dict]:
+    """The FP32 export with the ORT target's fusions applied to its DiT: the honest FP32 denominator."""
+    import onnx
+
+    from exporter import graph_edit
+    from exporter.artifacts import write_manifest
+    from exporter.onnx_export import PROTOBUF_LIMIT
+    from exporter.ort_fusion import ORT_SESSION_CONFIG, fuse_attention
+
+    entry = manifest["graphs"]["dit"]
+    shutil.copytree(source, target, copy_function=os.link, ignore=shutil.ignore_patterns(*entry["files"]))
+    model, sites = fuse_attention(onnx.load(str(source / entry["file"])), attention)
+    fused = json.loads(json.dumps(manifest))
+    fused["graphs"]["dit"].update({"files": graph_edit.save(model, target / entry["file"], PROTOBUF_LIMIT),
+                                   "ort_fusion": {"attention": attention, "sites": sites},
+                                   "ort_session_config": dict(ORT_SESSION_CONFIG)})
+    write_manifest(target, fused)
+    return target, fused
+
+
+def _cpu_name() -> str | None:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _cpu_flags() -> str:
+    """The SIMD features that bound ORT's CPU kernels (INT8 dot products need VNNI or AMX)."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags) or "no AVX2"
+
+
 def _generate_seconds(exports: dict[str, Path], steps: int, seconds: float, rounds: int = 3,
                       device: str = "cpu") -> dict[str, float]:
     """Median wall time of `generate` per export, the exports alternating round by round after a warm-up."""
@@ -157,12 +202,18 @@ def _chart(rows: list[dict], path: Path) -> None:
 
 def _markdown(doc: dict, title: str) -> list[str]:
     rows, runs = doc["rows"], doc["runs"]
-    lines = [title, "", "| candidate | device | latent length | median ms | vs baseline | peak RSS MB | GPU MB | "
-             "DiT weights vs FP32 |", "|---|---|---|---|---|---|---|---|"]
+    lines = [title, "", "| candidate | device | latent length | median ms | vs baseline | vs ORT FP32 fused | "
+             "vs torch FP32 | peak RSS MB | GPU MB | DiT weights vs FP32 |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['device']} | {r['length']} | {r['median_ms']:.1f} | {r['vs_baseline']:.2f}x | "
+              f"{_ratio(r.get('vs_ort_fp32_fused'))} | {_ratio(r.get('vs_torch_fp32'))} | "
               f"{r['peak_rss_mb']:.0f} | {r['gpu_mb']:.0f} | {_ratio(r['size_ratio'])} |".replace("| nan |", "| - |")
               for r in rows]
-    lines += ["", f"Baselines: CPU rows vs {BASELINES['cpu']}, CUDA rows vs {BASELINES['cuda']}; "
+    machine = doc.get("machine", {})
+    if machine.get("loadavg_at_start"):
+        lines += ["", f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine.get('cpu_flags') or 'flags unknown'}); "
+                  f"load average {machine['loadavg_at_start'][0]:.1f} at start, {machine['loadavg_at_end'][0]:.1f} at end."]
+    lines += ["", f"Baselines: CPU rows vs {BASELINES['cpu']} (as exported), also vs {FUSED_FP32} (the same attention "
+              f"fusion as the quantized ORT-target graphs) and torch eager fp32; CUDA rows vs {BASELINES['cuda']}; "
               f"median of {runs} runs after {doc['warmup']} warm-up, "
               + ("candidates one after another." if doc["schedule"] == "serial"
                  else "candidates stepped round-robin (one step each per round, rotating order).")]
@@ -254,6 +305,11 @@ def main() -> int:
     parser.add_argument("--lowrank", type=int, default=0, help="low-rank branch rank of every quantized candidate")
     parser.add_argument("--also-lowrank", type=int, default=0, help="also time every candidate with this rank")
     parser.add_argument("--breakdown", action="store_true", help="profile each ORT step: where the time goes")
+    parser.add_argument("--attention", choices=("mha", "attention23", "none"), default="mha",
+                        help="fused attention of the ORT-target graphs and of the fused ORT FP32 row "
+                             "(exporter/ort_fusion.py; default mha: com.microsoft MultiHeadAttention)")
+    parser.add_argument("--also-unfused", action="store_true",
+                        help="also time each quantized candidate without the attention fusion (today's graph)")
     parser.add_argument("--serial", action="store_true",
                         help="time candidates one after another (default: all loaded, stepped round-robin; "
                              "needs the memory of all of them at once)")
@@ -318,17 +374,21 @@ def main() -> int:
         args.e2e_seconds = pick_seconds("--e2e-seconds", args.e2e_seconds, 10.0, loaded.config, "generate timing")
     calibration = read_calibration(Path(args.calibration), loaded)
     scratch = Path(tempfile.mkdtemp(prefix="quadit-bench-"))
+    load_at_start = os.getloadavg()
     rows, exports = [], {}
     try:
         fp32_manifest = export_model(loaded, scratch / "fp32", ExportOptions(scheme="fp32"))
         exports["ort fp32"] = (scratch / "fp32", fp32_manifest)
+        if args.attention != "none":
+            exports[FUSED_FP32] = _fused_fp32(scratch / "fp32", fp32_manifest, scratch / "fp32-fused", args.attention)
         dims = fp32_manifest["dims"]
         ranks = [args.lowrank] + ([args.also_lowrank] if args.also_lowrank else [])
-        for i, (base_name, rank) in enumerate((n, r) for n in names for r in ranks):
+        fusions = [args.attention] + (["none"] if args.also_unfused and args.attention != "none" else [])
+        for i, (base_name, rank, fusion) in enumerate((n, r, f) for n in names for r in ranks for f in fusions):
             scheme, method, act, policy, kernel = CANDIDATES[base_name]
-            name = base_name + (f" rank {rank}" if rank else "")
+            name = base_name + (f" rank {rank}" if rank else "") + (" unfused" if fusion != args.attention else "")
             recipe = Recipe(scheme=scheme, method=method, activations=act, bucket_policy=policy, lowrank=rank)
-            stage = quantize_stage(loaded, calibration, QuantizeOptions(recipe, "onnxruntime", kernel), scratch,
+            stage = quantize_stage(loaded, calibration, QuantizeOptions(recipe, "onnxruntime", kernel, fusion), scratch,
                                    source=scratch / "fp32")
             manifest = json.loads(json.dumps(fp32_manifest))
             target = scratch / f"q{i}"
@@ -369,19 +429,23 @@ def main() -> int:
         for r in rows:
             base_row = next((b for b in rows if b["name"] == BASELINES[r["device"]] and b["length"] == r["length"]), None)
             r["vs_baseline"] = r["median_ms"] / base_row["median_ms"] if base_row else float("nan")
-            r["vs_ort_fp32"] = r["vs_baseline"] if r["device"] == "cpu" else None  # bench.json readers of v1
+            for key, denominator in CPU_DENOMINATORS.items():
+                den = next((b for b in rows if b["name"] == denominator and b["length"] == r["length"]), None)
+                r[key] = r["median_ms"] / den["median_ms"] if den and r["device"] == "cpu" else None
             if r.get("breakdown") and base_row and base_row.get("breakdown") and r is not base_row:
                 r["amdahl"] = amdahl(base_row["breakdown"], r["breakdown"])
         e2e = {}
         if args.e2e_steps:
-            fastest = min((r for r in rows if r["name"] in exports and r["name"] != "ort fp32"
+            fastest = min((r for r in rows if r["name"] in exports and r["name"] not in ("ort fp32", FUSED_FP32)
                            and r["length"] == max(lengths)), key=lambda r: r["median_ms"])["name"]
-            e2e = _generate_seconds({n: exports[n][0] for n in ("ort fp32", fastest)}, args.e2e_steps, args.e2e_seconds,
+            e2e = _generate_seconds({n: exports[n][0] for n in dict.fromkeys(("ort fp32", FUSED_FP32, fastest))
+                                     if n in exports}, args.e2e_steps, args.e2e_seconds,
                                     device=args.device)
             for name, sec in e2e.items():
                 log.info("generate %s: %.1f s (%d steps, %.1f s audio, median of 3)", name, sec, args.e2e_steps,
                          args.e2e_seconds)
-        machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        machine = {"cpu": _cpu_name() or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "cpu_flags": _cpu_flags(), "loadavg_at_end": os.getloadavg(), "loadavg_at_start": load_at_start,
                    "python": platform.python_version(),
                    "gpu": torch.cuda.get_device_name(0) if cuda else None, "tensorrt": trt_reason or "available"}
         doc = {"model": fp32_manifest["model"], "machine": machine, "runs": args.runs, "warmup": args.warmup,
