@@ -58,23 +58,27 @@ def _fake_act(x: np.ndarray, scale: float) -> np.ndarray:
 
 
 def loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarray, per_bucket_scale: bool,
-         weight_bits: int, block: int, quantize_activations: bool) -> float:
+         weight_bits: int, block: int, quantize_activations: bool, ref: list[np.ndarray] | None = None) -> float:
     """Measured relative output error of the smoothed, quantized Linear(s) on calibration rows, averaged
     over buckets: sum_k ||X_k W - Q(X_k / s) Q(s W)||^2 / ||X_k W||^2. Activations are quantized per
     tensor with the bucket's calibrated range (per-bucket scales) or the overall one, as deployed;
-    weights round to nearest (the search ranks smoothing strengths; GPTQ runs afterwards)."""
-    x = np.asarray(rows, np.float64)                              # [K, R, C]
+    weights round to nearest (the search ranks smoothing strengths; GPTQ runs afterwards). The products
+    run in float32 (the errors measured are 1e-1..1e-4 of the signal, far above its rounding); `ref`, the
+    float outputs per bucket, can be passed in once for all strengths."""
+    x = np.asarray(rows, np.float32)                              # [K, R, C]
     w = np.asarray(w_kn, np.float64)
-    wq = fake_quantize_weight(w * s[:, None], weight_bits, block)
+    wq = fake_quantize_weight(w * s[:, None], weight_bits, block).astype(np.float32)
     ranges = (np.asarray(ch_absmax, np.float64) / s[None, :]).max(axis=1)   # [K]
     if not per_bucket_scale:
         ranges = np.full_like(ranges, ranges.max())
+    ref = ref if ref is not None else [x[k] @ w.astype(np.float32) for k in range(x.shape[0])]
+    inv = (1.0 / s).astype(np.float32)[None, :]
     total = 0.0
     for k in range(x.shape[0]):
-        ref = x[k] @ w
-        xs = x[k] / s[None, :]
-        xq = _fake_act(xs, max(ranges[k], 1e-12) / 127) if quantize_activations else xs
-        total += float(((ref - xq @ wq) ** 2).sum() / max(float((ref ** 2).sum()), 1e-300))
+        xs = x[k] * inv
+        xq = _fake_act(xs, max(float(ranges[k]), 1e-12) / 127).astype(np.float32) if quantize_activations else xs
+        diff = ref[k] - xq @ wq
+        total += float(np.square(diff, dtype=np.float64).sum() / max(float(np.square(ref[k], dtype=np.float64).sum()), 1e-300))
     return total / x.shape[0]
 
 
@@ -84,6 +88,8 @@ def best_alpha_loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, p
     search, on the artifact's reservoir of input rows instead of a noise model)."""
     a_max = np.asarray(ch_absmax, np.float64).max(axis=0)
     w_max = np.abs(np.asarray(w_kn, np.float64)).max(axis=1)
-    costs = {alpha: loss(rows, ch_absmax, w_kn, smoothing_factors(a_max, w_max, alpha).astype(np.float64),
-                         per_bucket_scale, weight_bits, block, quantize_activations) for alpha in ALPHAS}
+    x, w32 = np.asarray(rows, np.float32), np.asarray(w_kn, np.float32)
+    ref = [x[k] @ w32 for k in range(x.shape[0])]
+    costs = {alpha: loss(x, ch_absmax, w_kn, smoothing_factors(a_max, w_max, alpha).astype(np.float64),
+                         per_bucket_scale, weight_bits, block, quantize_activations, ref) for alpha in ALPHAS}
     return min(costs, key=costs.get), costs
