@@ -123,19 +123,24 @@ def choose(doc: Mapping[str, Any], budget: float, objective: str = "step_nsr",
 def assignment_recipe(base: Recipe, assignment: Mapping[str, str]) -> Recipe:
     """An ordinary recipe for `assignment`: the most common quantized scheme at the top, one rule per layer
     that differs (`skip` for float, `override` of the scheme otherwise), in layer order, editable by hand."""
+    from engines.sensitivity import label, override, parse
+
     counts = Counter(p for p in assignment.values() if p != FLOAT)
-    top = counts.most_common(1)[0][0] if counts else base.scheme
+    top = counts.most_common(1)[0][0] if counts else label(base.scheme, base.lowrank)
+    recipe = replace(base, **parse(top))
     rules = []
     for name, precision in assignment.items():
         if precision == FLOAT:
             rules.append(LayerRule(name, "skip"))
         elif precision != top:
-            rules.append(LayerRule(name, "override", (("scheme", precision),)))
-    return replace(base, scheme=top, rules=tuple(rules))
+            rules.append(LayerRule(name, "override", override(precision, recipe)))
+    return replace(recipe, rules=tuple(rules))
 
 
-def uniform(doc: Mapping[str, Any], scheme: str) -> dict[str, str]:
-    return {r["name"]: scheme for r in doc["layers"]}
+def uniform_recipe(base: Recipe, precision: str) -> Recipe:
+    from engines.sensitivity import parse
+
+    return replace(base, **parse(precision), rules=())
 
 
 def write_recipe(recipe: Recipe, path: Path) -> None:
@@ -153,14 +158,14 @@ def auto_precision_stage(loaded: Any, calibration: Any, base: Recipe, budget: fl
     from engines.compare import graph_candidate
     from engines.providers import session
     from engines.runtime import Pipeline
-    from engines.sensitivity import TARGET_SCHEMES, Probe, measure_sensitivity, plot_sensitivity
+    from engines.sensitivity import Probe, measure_sensitivity, parse, plot_sensitivity, precision_options
     from exporter import graph_edit
     from exporter.onnx_export import PROTOBUF_LIMIT
     from exporter.quantized_export import base_graph, export_fp16_base
 
     import onnx
 
-    schemes = TARGET_SCHEMES[target]
+    schemes = precision_options(target, base.lowrank)
 
     def stage(tmp: Path, manifest: dict[str, Any]) -> None:
         entry = manifest["graphs"]["dit"]
@@ -171,7 +176,7 @@ def auto_precision_stage(loaded: Any, calibration: Any, base: Recipe, budget: fl
             export_fp16_base(loaded, manifest["dims"], base_path)
         fp32_bytes = entry["weight_bytes"]
         base_bytes = graph_edit.weight_bytes(onnx.load(str(base_path)))
-        smallest = replace(base, scheme="w4a16", rules=())
+        smallest = replace(base, scheme="w4a16", lowrank=0, rules=())
         _, size = graph_candidate(base_path, loaded, calibration, smallest, Path(scratch) / "auto.smallest.onnx",
                                   dynamic_kernel, device)
         if size / fp32_bytes > budget:
@@ -194,7 +199,9 @@ def auto_precision_stage(loaded: Any, calibration: Any, base: Recipe, budget: fl
         prompts = heldout_prompts(calibration.meta["prompts"]["list"], sampling.prompts, sampling.heldout_seed)
         trajectories = capture(pipeline, reference, prompts, sampling)
         rows = []
-        candidates = [("auto", recipe)] + [(f"uniform {s}", replace(base, scheme=s, rules=())) for s in schemes]
+        # the uniform references around the budget (w4a8 has w4a16's bytes and more error)
+        candidates = [("auto", recipe)] + [(f"uniform {s}", uniform_recipe(base, s)) for s in schemes
+                                           if parse(s)["scheme"] != "w4a8"]
         for i, (name, candidate) in enumerate(candidates):
             sess, size = graph_candidate(base_path, loaded, calibration, candidate, Path(scratch) / f"auto.{i}.onnx",
                                          dynamic_kernel, device)

@@ -43,6 +43,36 @@ SCHEMA = 1
 KIND = "quadit-sensitivity"
 # what each target can run per layer besides float (ARCHITECTURE.md section 3): TensorRT has no W4A8
 TARGET_SCHEMES = {"tensorrt": ("w8a8", "w4a16"), "onnxruntime": ("w8a8", "w4a8", "w4a16")}
+# the low-rank rank a 4-bit layer may also get (docs/figures.md: rank 32 is what lifts w4a16 past w8a8's
+# final-latent SNR on sao-mini, at 0.04x of FP32 more bytes); a precision is "scheme" or "scheme+rR"
+LOWRANK_OPTION = 32
+
+
+def precision_options(target: str, base_rank: int = 0, lowrank: int = LOWRANK_OPTION) -> tuple[str, ...]:
+    """The per-layer precisions measured for `target`: each scheme at the base recipe's rank, and w4a16 also
+    with a `lowrank` branch (0: none) when the base recipe has none (w4a8 with the branch is left out: it
+    has w4a16's bytes and more error, so a quality-for-size choice never takes it)."""
+    out = [label(s, base_rank) for s in TARGET_SCHEMES[target]]
+    if lowrank and not base_rank:
+        out.append(label("w4a16", lowrank))
+    return tuple(out)
+
+
+def label(scheme: str, rank: int) -> str:
+    return scheme if not rank else f"{scheme}+r{rank}"
+
+
+def parse(precision: str) -> dict[str, Any]:
+    """{"scheme", "lowrank"} of a precision label ("w4a16", "w4a16+r32")."""
+    scheme, _, rank = precision.partition("+r")
+    return {"scheme": scheme, "lowrank": int(rank or 0)}
+
+
+def override(precision: str, recipe: Recipe) -> tuple[tuple[str, Any], ...]:
+    """The rule overrides that give a layer `precision` under `recipe` (sorted, as Recipe.from_json reads
+    them): the scheme, and the rank where it differs from the recipe's."""
+    fields = parse(precision)
+    return tuple(sorted((k, v) for k, v in fields.items() if k == "scheme" or v != recipe.lowrank))
 
 
 @dataclass(frozen=True)
@@ -61,10 +91,11 @@ class SensitivitySettings:
                              "0 <= final_prompts <= prompts")
 
 
-def single_layer_recipe(base: Recipe, layer: str, scheme: str) -> Recipe:
-    """`base` with every layer kept in float except `layer`, which gets `scheme`."""
+def single_layer_recipe(base: Recipe, layer: str, precision: str) -> Recipe:
+    """`base` with every layer kept in float except `layer`, which gets `precision`."""
+    scheme = parse(precision)["scheme"]
     return dataclasses.replace(base, scheme=scheme, rules=(
-        LayerRule("transformer.layers.*", "skip"), LayerRule(layer, "override", (("scheme", scheme),))))
+        LayerRule("transformer.layers.*", "skip"), LayerRule(layer, "override", override(precision, base))))
 
 
 def probe_steps(trajectory: Trajectory, edges: Sequence[float], per_bucket: int) -> list[int]:

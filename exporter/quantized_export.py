@@ -102,6 +102,12 @@ def export_fp16_base(loaded: LoadedModel, dims: dict[str, int], path: Path) -> N
     export_graph(dit_spec(loaded, dims, fp16=True), path)
 
 
+def session_config(recipe: Recipe, layers: Sequence[str]) -> dict[str, str]:
+    """The ORT session entries a graph of `recipe` needs: W4A16_SESSION_CONFIG when any layer is w4a16 (a
+    mixed recipe's w4a16 layers too, whatever its top-level scheme)."""
+    return W4A16_SESSION_CONFIG if any(s and s["scheme"] == "w4a16" for s in recipe.resolve(layers).values()) else {}
+
+
 def quantize_graph(fp32_path: Path, layers: Sequence[str], calibration: Calibration, recipe: Recipe,
                    bucket: int | None = None, dynamic_kernel: str = "dql") -> tuple[onnx.ModelProto, dict]:
     model = onnx.load(str(fp32_path))
@@ -167,7 +173,7 @@ def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: Quant
                       "fp32_weight_bytes": int(fp32_bytes), "size_ratio": graph_bytes[0] / fp32_bytes,
                       "sha256": {f: sha256_file(tmp / f) for f in files},
                       "base_precision": "fp16" if base != fp32 else "fp32",
-                      "ort_session_config": W4A16_SESSION_CONFIG if recipe.scheme == "w4a16" else {}})
+                      "ort_session_config": session_config(recipe, layers)})
         entry.pop("parity", None)
         if buckets:
             entry["buckets"] = buckets
