@@ -220,6 +220,7 @@ def plot_sensitivity(doc: Mapping[str, Any], path: Path, assignment: Mapping[str
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=8, ncol=len(doc["schemes"]))
     axes[0, 0].set_title("per-layer sensitivity against FP32 (lower = more sensitive)", fontsize=9)
+    axes[-1, 0].set_xlim(-0.6, len(rows) - 0.4)
     axes[-1, 0].set_xticks(x)
     axes[-1, 0].set_xticklabels(labels, rotation=90, fontsize=6)
     fig.tight_layout()
