@@ -24,7 +24,8 @@ from engines.estimate import log_estimate
 from engines.providers import providers_for, session
 from exporter.errors import InputError
 from exporter.onnx_export import PROTOBUF_LIMIT
-from exporter.quantized_export import W4A16_SESSION_CONFIG, Calibration, base_graph, quantize_graph
+from exporter.quantized_export import Calibration, base_graph, quantize_graph
+from exporter.quantized_export import session_config as needed_config
 from exporter.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def graph_candidate(fp32: Path, loaded: LoadedModel, calibration: Calibration, r
         return session(file, config, device, int8=True)
 
     layers = list(quantizable_linears(loaded.dit))
-    config = {**(W4A16_SESSION_CONFIG if recipe.scheme == "w4a16" else {}), **(session_config or {})}
+    config = {**needed_config(recipe, layers), **(session_config or {})}
     if recipe.bucket_policy == "per-bucket-graph":
         sessions, size = [], 0
         for b in range(len(calibration.edges) - 1):

@@ -99,13 +99,6 @@ def check_int4_blocks(loaded: LoadedModel, recipe: Recipe, target: str) -> dict[
     return plan
 
 
-def session_config(scheme: str, target: str) -> dict[str, str]:
-    """The manifest's `ort_session_config`: what the graph needs to mean what it says (w4a16's float
-    activations) plus, for the ONNX Runtime target, the session options chosen by measurement."""
-    return {**(ORT_SESSION_CONFIG if target == "onnxruntime" else {}),
-            **(W4A16_SESSION_CONFIG if scheme == "w4a16" else {})}
-
-
 def base_graph(scratch: Path, target: str) -> Path:
     """Where `quantize_stage` leaves the unquantized graph it quantized (the report's baselines use it)."""
     return Path(scratch) / ("dit.fp16.onnx" if target == "tensorrt" else "dit.fp32.onnx")
@@ -116,6 +109,14 @@ def export_fp16_base(loaded: LoadedModel, dims: dict[str, int], path: Path) -> N
 
     log.info("exporting the FP16 DiT graph the TensorRT target quantizes")
     export_graph(dit_spec(loaded, dims, fp16=True), path)
+
+
+def session_config(recipe: Recipe, layers: Sequence[str], target: str | None = None) -> dict[str, str]:
+    """The manifest's `ort_session_config`: what the graph needs to mean what it says (W4A16_SESSION_CONFIG
+    when any layer is w4a16: a mixed recipe's w4a16 layers too, whatever its top-level scheme) plus, for the
+    ONNX Runtime target, the session options chosen by measurement (exporter/ort_fusion.py)."""
+    w4a16 = any(s and s["scheme"] == "w4a16" for s in recipe.resolve(layers).values())
+    return {**(ORT_SESSION_CONFIG if target == "onnxruntime" else {}), **(W4A16_SESSION_CONFIG if w4a16 else {})}
 
 
 def quantize_graph(fp32_path: Path, layers: Sequence[str], calibration: Calibration, recipe: Recipe,
@@ -187,7 +188,7 @@ def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: Quant
                       "fp32_weight_bytes": int(fp32_bytes), "size_ratio": graph_bytes[0] / fp32_bytes,
                       "sha256": {f: sha256_file(tmp / f) for f in files},
                       "base_precision": "fp16" if base != fp32 else "fp32",
-                      "ort_session_config": session_config(recipe.scheme, options.target)})
+                      "ort_session_config": session_config(recipe, layers, options.target)})
         if fusion is not None:
             entry["ort_fusion"] = fusion
         entry.pop("parity", None)

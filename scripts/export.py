@@ -63,6 +63,11 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: calibration and the report's "
                         "PyTorch work (ModelOpt) on the GPU, the report's ONNX Runtime graphs on ORT's CUDA provider "
                         "where onnxruntime-gpu is installed")
+    parser.add_argument("--auto-precision", action="store_true", help="measure each layer's sensitivity and choose "
+                        "its precision (float, w8a8, 4-bit) within --size-budget; writes sensitivity.json/.png and "
+                        "recipe.auto.json (pass it back with --recipe); the other flags set the base recipe")
+    parser.add_argument("--size-budget", type=float, help="with --auto-precision: DiT weight bytes as a fraction "
+                        "of FP32 (e.g. 0.2)")
     parser.add_argument("--out", required=True, help="export directory (replaced atomically)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -79,8 +84,8 @@ def _recipe(args: argparse.Namespace):
             raise InputError(f"cannot read recipe {args.recipe}: {exc}") from None
     method = args.method
     policy = args.bucket_policy if method != "minmax" or args.bucket_policy != "per-bucket-graph" else "shared"
-    return Recipe(scheme=args.scheme, method=method, alpha=args.alpha, lowrank=args.lowrank,
-                  activations=args.activations, bucket_policy=policy, block_size=args.block_size,
+    return Recipe(scheme=args.scheme if args.scheme in QUANTIZED else "w8a8", method=method, alpha=args.alpha,
+                  lowrank=args.lowrank, activations=args.activations, bucket_policy=policy, block_size=args.block_size,
                   weight_rounding=args.weight_rounding, weight_clip=args.weight_clip, act_clip=args.act_clip,
                   alpha_search=args.alpha_search)
 
@@ -138,7 +143,11 @@ def main() -> int:
         raise InputError(f"unknown scheme '{args.scheme}' (choose from: {', '.join(SCHEMES + QUANTIZED)})")
     stages, options = [], ExportOptions(scheme=args.scheme if args.scheme in SCHEMES else "fp32", target=args.target)
     quant = None
-    if args.scheme in QUANTIZED or args.recipe:
+    if args.auto_precision or args.size_budget is not None:
+        from engines.auto_precision import check_arguments
+
+        check_arguments(args.auto_precision, args.size_budget, args.recipe)
+    if args.scheme in QUANTIZED or args.recipe or args.auto_precision:
         from exporter.quantized_export import QuantizeOptions
 
         quant = QuantizeOptions(_recipe(args), args.target, args.dynamic_kernel)  # refuses bad targets up front
@@ -177,15 +186,29 @@ def main() -> int:
                     "--report-seconds", args.report_seconds, AccuracySettings.seconds, loaded.config, "accuracy report"))
             if calibration is None:
                 calibration = read_calibration(_calibrate(loaded, args, cal_prompts, calib_seconds, scratch), loaded)
-            stages.append(quantize_stage(loaded, calibration, quant, scratch))
-            if report is not None:
-                cuda = args.device.startswith("cuda")
-                stages.append(report_stage(loaded, calibration, quant.recipe, report, scratch,
-                                           modelopt=not args.no_modelopt, dynamic_kernel=args.dynamic_kernel,
-                                           device=args.device, target=quant.target,
-                                           shorten="--report-prompts 0 (no report), fewer --report-prompts or "
-                                                   "--report-steps" + ("" if args.no_modelopt else ", --no-modelopt")
-                                                   + ("" if cuda else ", --device cuda")))
+
+            def quant_stages(recipe):
+                from exporter.quantized_export import QuantizeOptions
+
+                out = [quantize_stage(loaded, calibration, QuantizeOptions(recipe, quant.target, quant.dynamic_kernel),
+                                      scratch)]
+                if report is not None:
+                    cuda = args.device.startswith("cuda")
+                    out.append(report_stage(loaded, calibration, recipe, report, scratch,
+                                            modelopt=not args.no_modelopt, dynamic_kernel=args.dynamic_kernel,
+                                            device=args.device, target=quant.target,
+                                            shorten="--report-prompts 0 (no report), fewer --report-prompts or "
+                                                    "--report-steps" + ("" if args.no_modelopt else ", --no-modelopt")
+                                                    + ("" if cuda else ", --device cuda")))
+                return out
+
+            if args.auto_precision:
+                from engines.auto_precision import stage_for_export
+
+                stages.append(stage_for_export(loaded, calibration, quant, args.size_budget, scratch, report,
+                                               quant_stages, args.device))
+            else:
+                stages += quant_stages(quant.recipe)
         manifest = export_model(loaded, Path(args.out), options, stages)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
