@@ -59,6 +59,10 @@ class OrtQuantSettings:
     block_size: int = 128
     is_symmetric: bool = False
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    # options of ORT's calibrator itself (`create_calibrator`'s extra_options, e.g. num_bins) that
+    # quantize_static does not forward: when given, the ranges are computed with them first and handed to
+    # quantize_static as its calibration cache
+    calibrator_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,7 +87,8 @@ class OrtQuantSettings:
             parts += [f"A {self.activation_type}", self.calibrate_method]
         if self.reduce_range:
             parts.append("reduce_range")
-        parts += [f"{k}={','.join(v) if isinstance(v, (tuple, list)) else v}" for k, v in self.extra_options]
+        parts += [f"{k}={','.join(v) if isinstance(v, (tuple, list)) else v}"
+                  for k, v in self.extra_options + self.calibrator_options]
         return " ".join(parts)
 
 
@@ -157,14 +162,18 @@ def quantize(fp32: Path, layers: Sequence[str], settings: OrtQuantSettings, out:
             if not calibration_feeds:
                 raise InputError("quantize_static needs calibration feeds")
             extra.setdefault("CalibStridedMinMax", _stride(len(calibration_feeds)))
+            cache = None
+            if settings.calibrator_options:
+                cache = _calibration_cache(pre, Path(tmp), settings, calibration_feeds, extra)
             quantize_static(str(pre), str(out), TrajectoryReader(calibration_feeds), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["MatMul", "Gemm"], per_channel=settings.per_channel,
                             reduce_range=settings.reduce_range,
                             activation_type=getattr(QuantType, settings.activation_type),
                             weight_type=getattr(QuantType, settings.weight_type), nodes_to_quantize=nodes,
                             calibrate_method=getattr(CalibrationMethod, settings.calibrate_method),
-                            extra_options=extra)
+                            extra_options=extra, calibration_cache_path=cache)
             record["calibration_feeds"] = len(calibration_feeds)
+            record["calibrator_options"] = dict(settings.calibrator_options)
         elif settings.mode == "dynamic":
             quantize_dynamic(str(pre), str(out), op_types_to_quantize=["MatMul", "Gemm"],
                              per_channel=settings.per_channel, reduce_range=settings.reduce_range,
@@ -189,6 +198,29 @@ def quantize(fp32: Path, layers: Sequence[str], settings: OrtQuantSettings, out:
         record["extra_options"] = {k: v for k, v in extra.items()}
     log.info("ONNX Runtime quantizer: %s on %d nodes", record["label"], record["nodes"])
     return record
+
+
+def _calibration_cache(pre: Path, tmp: Path, settings: OrtQuantSettings, feeds: Sequence[dict[str, np.ndarray]],
+                       extra: dict[str, Any]) -> Path:
+    """Tensor ranges from ORT's own calibrator built with `settings.calibrator_options` (and the Calib* extra
+    options quantize_static would pass), fed in the same strides; saved as a quantize_static calibration cache."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    keys = {"CalibTensorRangeSymmetric": "symmetric", "CalibMovingAverage": "moving_average",
+            "CalibMovingAverageConstant": "averaging_constant", "CalibPercentile": "percentile"}
+    options = {keys[k]: v for k, v in extra.items() if k in keys} | dict(settings.calibrator_options)
+    calibrator = create_calibrator(pre, ["MatMul", "Gemm"], augmented_model_path=str(tmp / "augmented.onnx"),
+                                   calibrate_method=getattr(CalibrationMethod, settings.calibrate_method),
+                                   extra_options=options)
+    reader, stride = TrajectoryReader(feeds), int(extra["CalibStridedMinMax"])
+    for start in range(0, len(feeds), stride):
+        reader.set_range(start_index=start, end_index=start + stride)
+        calibrator.collect_data(reader)
+    path = tmp / "calibration_cache.json"
+    save_tensors_data(calibrator.compute_data(), path, smooth_quant=False)
+    return path
 
 
 def quantized_op_counts(model: onnx.ModelProto) -> dict[str, int]:

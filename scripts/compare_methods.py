@@ -63,7 +63,9 @@ GRIDS = {"full": FULL, "issue14": ISSUE14}
 def ort_peers():
     """ONNX Runtime's quantizer at its best documented settings, one line per row: static QDQ with symmetric
     per-channel INT8 weights and symmetric INT8 activations (the setting its docs give for TensorRT/GPU, and the
-    one that is exact under TensorRT's arithmetic), per calibration method; dynamic INT8 (per-channel
+    one that is exact under TensorRT's arithmetic), per calibration method (Entropy also with 2048 histogram
+    bins: through quantize_static its calibrator has 128 bins for 128 quantized bins, so one candidate
+    threshold, the full range, and it equals MinMax); dynamic INT8 (per-channel
     weights, uint8 activations per tensor at run time, MatMul with a constant weight only); the docs' x86 CPU setting
     (asymmetric uint8 activations) once; 4-bit weight-only
     MatMulNBits (block 128, asymmetric: its default) for w4a16."""
@@ -75,10 +77,11 @@ def ort_peers():
     return [
         O("w8a8", "static", "MinMax", extra_options=sym),
         O("w8a8", "static", "Percentile", extra_options=sym + (("CalibPercentile", 99.999),)),
-        O("w8a8", "static", "Entropy", extra_options=sym),
+        O("w8a8", "static", "Entropy", extra_options=sym),  # as quantize_static runs it: 128 bins, one threshold
         O("w8a8", "static", "MinMax", activation_type="QUInt8", extra_options=sym[2:]),  # the docs' x86 CPU setting
         O("w8a8", "dynamic", extra_options=(("MatMulConstBOnly", True),)),
         O("w4a16", "nbits"),
+        O("w8a8", "static", "Entropy", extra_options=sym, calibrator_options=(("num_bins", 2048),)),
     ]
 
 
@@ -119,6 +122,8 @@ def main() -> int:
                         help="calibration prompts ModelOpt and ONNX Runtime's quantize_static calibrate on (all "
                              "their steps; AWQ's search is slow on CPU)")
     parser.add_argument("--cache", help="JSON-lines file of finished rows, reused when rerun with the same settings")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="write the table from the rows in --cache only; rows not there are listed as not measured")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -168,15 +173,29 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="quadit-compare-"))
     started = time.time()
     try:
-        export = export_model(loaded, scratch / "fp32", ExportOptions(scheme="fp32"))
-        fp32 = scratch / "fp32" / export["graphs"]["dit"]["file"]
-        fp32_bytes = export["graphs"]["dit"]["weight_bytes"]
-        pipeline = Pipeline(OrtBackend(scratch / "fp32", export), export)
-        reference = ort_session(fp32)
         prompts = heldout_prompts(calibration.meta["prompts"]["list"], settings.prompts, settings.heldout_seed)
-        trajectories = capture(pipeline, reference, prompts, settings)
+        state: dict = {}
+
+        def fp32_state() -> dict:
+            """The FP32 export, its pipeline and the held-out FP32 trajectories, made when a row first needs them
+            (a rerun whose rows are all in --cache only rewrites the table)."""
+            if not state:
+                export = export_model(loaded, scratch / "fp32", ExportOptions(scheme="fp32"))
+                state["fp32"] = scratch / "fp32" / export["graphs"]["dit"]["file"]
+                state["fp32_bytes"] = export["graphs"]["dit"]["weight_bytes"]
+                state["pipeline"] = Pipeline(OrtBackend(scratch / "fp32", export), export)
+                state["reference"] = ort_session(state["fp32"])
+                state["trajectories"] = capture(state["pipeline"], state["reference"], prompts, settings)
+            return state
+
+        def run_eval(name: str, session, sampler: bool = True) -> dict:
+            st = fp32_state()
+            return evaluate(name, session, st["reference"], st["trajectories"], calibration.edges, st["pipeline"],
+                            settings, sampler=sampler)
+
         count = min(len(calibration.meta["prompts"]["list"]), args.modelopt_prompts)
         cal_traj = []
+        missing: list[str] = []
         rows = []
         jobs = [(calibration, "", recipe, candidate_name(fields)) for fields, recipe in zip(grid, recipes)]
         jobs += [(cal, f" [{name} calibration]", Recipe(scheme="w8a8", method="timestep-smoothquant"),
@@ -200,20 +219,21 @@ def main() -> int:
 
         def calibration_trajectories() -> list:
             if not cal_traj:
-                cal_traj.extend(capture(pipeline, reference, calibration.meta["prompts"]["list"][:count], settings))
+                st = fp32_state()
+                cal_traj.extend(capture(st["pipeline"], st["reference"], calibration.meta["prompts"]["list"][:count],
+                                        settings))
             return cal_traj
 
         def measure(name: str, make, int8_static: bool) -> dict:
             """Evaluate a graph candidate; `make(session_config)` -> (session, size, info). Static Q/DQ runs
             with exact Q/DQ arithmetic, and where its activations are INT8, also with ORT's fused kernels."""
             session, size, info = make(EXACT_QDQ if int8_static is not None else None)
-            row = evaluate(name, session, reference, trajectories, calibration.edges, pipeline, settings)
-            row.update({"size_ratio": size / fp32_bytes, **info,
+            row = run_eval(name, session)
+            row.update({"size_ratio": size / fp32_state()["fp32_bytes"], **info,
                         "arithmetic": EXACT_NOTE if int8_static is not None else "ONNX Runtime kernels"})
             if int8_static and args.fused != "none":
                 session, _, _ = make(None)
-                fused = evaluate(name, session, reference, trajectories, calibration.edges, pipeline, settings,
-                                 sampler=args.fused == "full")
+                fused = run_eval(name, session, sampler=args.fused == "full")
                 row["fused"] = fused_columns(fused)
             return row
 
@@ -222,34 +242,20 @@ def main() -> int:
             if name in cached:
                 rows.append(cached[name])
                 continue
+            if args.cached_only:
+                missing.append(name)
+                continue
 
             def make(config, cal=cal, recipe=recipe, i=i):
-                session, size = graph_candidate(fp32, loaded, cal, recipe, scratch / f"cand{i}.onnx",
+                st = fp32_state()
+                session, size = graph_candidate(st["fp32"], loaded, cal, recipe, scratch / f"cand{i}.onnx",
                                                 session_config=config)
                 graphs = len(cal.edges) - 1 if recipe.bucket_policy == "per-bucket-graph" else 1
                 return session, size, {"recipe": recipe.to_json(), "graphs": graphs,
-                                       "total_size_ratio": graphs * size / fp32_bytes}
+                                       "total_size_ratio": graphs * size / st["fp32_bytes"]}
 
             static = recipe.activations == "static"
             keep(measure(name, make, (recipe.scheme != "w4a16") if static else None))
-        for i, peer in enumerate(peers):
-            name = f"ORT {peer.label()}"
-            log.info("[ORT %d/%d] %s", i + 1, len(peers), name)
-            if name in cached:
-                rows.append(cached[name])
-                continue
-
-            def make(config, peer=peer, i=i):
-                session, size, record = ort_quantizer_candidate(fp32, loaded, peer, calibration_trajectories(),
-                                                                scratch / f"ort{i}.onnx", config)
-                return session, size, {"onnxruntime_quantizer": record}
-
-            try:
-                keep(measure(name, make, True if peer.mode == "static" else None))
-            except Exception as exc:  # noqa: BLE001 (a peer that does not run on these graphs is a finding)
-                log.warning("%s did not run on this graph: %s", name, exc)
-                rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:300], "buckets": [],
-                             "mean_step_sqnr_db": None, "min_step_sqnr_db": None, "mean_cosine": None})
         if not args.no_modelopt:
             from engines.modelopt_baseline import MODELOPT_CONFIGS
 
@@ -259,19 +265,46 @@ def main() -> int:
                 if name in cached:
                     rows.append(cached[name])
                     continue
+                if args.cached_only:
+                    missing.append(name)
+                    continue
                 session, info = modelopt_candidate(loaded, scheme, calibration_trajectories())
-                row = evaluate(name, session, reference, trajectories, calibration.edges, pipeline, settings)
+                row = run_eval(name, session)
                 row.update({"modelopt": info, "arithmetic": "PyTorch fake quantization"})
                 keep(row)
+        for i, peer in enumerate(peers):
+            name = f"ORT {peer.label()}"
+            log.info("[ORT %d/%d] %s", i + 1, len(peers), name)
+            if name in cached:
+                rows.append(cached[name])
+                continue
+            if args.cached_only:
+                missing.append(name)
+                continue
+
+            def make(config, peer=peer, i=i):
+                session, size, record = ort_quantizer_candidate(fp32_state()["fp32"], loaded, peer,
+                                                                calibration_trajectories(), scratch / f"ort{i}.onnx",
+                                                                config)
+                return session, size, {"onnxruntime_quantizer": record}
+
+            try:
+                keep(measure(name, make, True if peer.mode == "static" else None))
+            except Exception as exc:  # noqa: BLE001 (a peer that does not run on these graphs is a finding)
+                log.warning("%s did not run on this graph: %s", name, exc)
+                rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:300], "buckets": [],
+                             "mean_step_sqnr_db": None, "min_step_sqnr_db": None, "mean_cosine": None})
         with atomic_dir(Path(args.out)) as tmp:
             context = {"model": loaded.identity, "prompts": prompts, "settings": dataclasses.asdict(settings),
                        "calibration_sha256": calibration.meta["artifact_sha256"], "rows": rows, "grid": args.grid,
-                       "calibration_prompts_for_peers": count, "seconds": round(time.time() - started, 1),
+                       "calibration_prompts_for_peers": count, "not_measured": missing,
+                       "seconds": round(time.time() - started, 1),
                        "extra_calibrations": {k: v.meta["artifact_sha256"] for k, v in extra.items()}}
             (tmp / "comparison.json").write_text(json.dumps(context, indent=1, default=str) + "\n")
             table = markdown([r for r in rows if "error" not in r],
                              f"Method comparison on {loaded.identity['model']} ({loaded.identity['weights']})")
-            failed = [f"- {r['name']}: did not run ({r['error']})" for r in rows if "error" in r]
+            failed = [f"- {r['name']}: did not run ({r['error']})" for r in rows if "error" in r] + \
+                     [f"- {name}: not measured (not in --cache)" for name in missing]
             (tmp / "comparison.md").write_text(table + ("\n" + "\n".join(failed) + "\n" if failed else ""))
             chart([r for r in rows if "error" not in r], tmp / "comparison.png", bed_title(loaded.identity))
     finally:
