@@ -3,7 +3,11 @@
 Two views, both against the FP32 graph:
 - per step: the DiT output v on the FP32 trajectory's own inputs (x_t, t, conditioning; CFG batch of
   2), as SQNR = 10 log10(sum v^2 / sum (v - v_q)^2) and cosine similarity, averaged per timestep bucket;
-- end to end: the final latents after the whole sampler run with the quantized DiT (same seed), as SNR.
+- end to end: the final latents after the whole sampler run with the quantized DiT (same seed), as SNR;
+- what the user hears: those final latents decoded by the export's own VAE decoder graph (as the runtime
+  decodes them), against the FP32 run's decoded audio, as SNR over the requested length.
+The FP32 reference's per-step outputs and decoded audio are kept with the trajectory, so each candidate
+costs its own DiT calls only.
 Every candidate (ONNX graphs in ONNX Runtime, ModelOpt's fake-quantized PyTorch model) is seen through
 one `session.run(outputs, feeds)` interface so all are measured on identical inputs.
 """
@@ -64,18 +68,22 @@ class Trajectory:
     seed: int
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
     latents: torch.Tensor | None = None
+    outputs: list[np.ndarray] = field(default_factory=list)  # the reference's v for each feed
+    audio: np.ndarray | None = None  # the final latents decoded by the export's VAE decoder
 
 
 class _Recording(OrtDiT):
-    def __init__(self, session: Any, sink: list[dict[str, np.ndarray]]) -> None:
+    def __init__(self, session: Any, sink: list[dict[str, np.ndarray]], outputs: list[np.ndarray]) -> None:
         super().__init__(session)
-        self.sink = sink
+        self.sink, self.outputs = sink, outputs
 
     def run(self, x, t, cross, global_embed):
         self.sink.append({"x": x.float().numpy().copy(), "t": t.float().numpy().copy(),
                           "cross_attn_cond": cross.float().numpy().copy(),
                           "global_embed": global_embed.float().numpy().copy()})
-        return super().run(x, t, cross, global_embed)
+        v = super().run(x, t, cross, global_embed)
+        self.outputs.append(v.numpy().copy())
+        return v
 
 
 def heldout_prompts(calibration_prompts: Sequence[str], count: int, seed: int) -> list[str]:
@@ -129,10 +137,19 @@ def capture(pipeline: Pipeline, reference: Any, prompts: Sequence[str], settings
     out = []
     for i, prompt in enumerate(tqdm(prompts, desc="reference trajectories", unit="prompt")):
         traj = Trajectory(prompt, settings.seed + i)
-        traj.latents = _with_dit(pipeline, _Recording(reference, traj.feeds)).generate_latents(
+        traj.latents = _with_dit(pipeline, _Recording(reference, traj.feeds, traj.outputs)).generate_latents(
             _options(pipeline, prompt, traj.seed, settings))
+        traj.audio = decode_audio(pipeline, traj.latents, settings)
         out.append(traj)
     return out
+
+
+def decode_audio(pipeline: Pipeline, latents: torch.Tensor, settings: AccuracySettings) -> np.ndarray:
+    """Latents -> audio through the export's VAE decoder graph, trimmed to the requested length (what
+    `Pipeline.generate` hands the user)."""
+    audio = pipeline.backend.decode(latents.float())
+    samples = int(round(settings.seconds * pipeline.dims["sample_rate"]))
+    return audio[..., :samples].float().numpy()
 
 
 def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
@@ -148,13 +165,16 @@ def cosine(ref: np.ndarray, out: np.ndarray) -> float:
 
 def evaluate(name: str, session: Any, reference: Any, trajectories: Sequence[Trajectory], edges: Sequence[float],
              pipeline: Pipeline, settings: AccuracySettings, sampler: bool = True) -> dict[str, Any]:
-    """Per-bucket SQNR / cosine on the FP32 trajectories' inputs, and the final-latent SNR."""
+    """Per-bucket SQNR / cosine on the FP32 trajectories' inputs; with `sampler`, the final-latent SNR and
+    the decoded-audio SNR (the trajectory's own decoded FP32 audio as reference; decoded by `pipeline`'s VAE
+    decoder). The reference outputs recorded by `capture` are used where the trajectory has them."""
     spec = BucketSpec(tuple(edges))
     per_bucket: dict[int, list[tuple[float, float]]] = {k: [] for k in range(spec.count)}
     steps = []
     for traj in trajectories:
-        for feeds in traj.feeds:
-            ref = reference.run(["v"], feeds)[0]
+        recorded = len(traj.outputs) == len(traj.feeds)
+        for i, feeds in enumerate(traj.feeds):
+            ref = traj.outputs[i] if recorded else reference.run(["v"], feeds)[0]
             out = session.run(["v"], feeds)[0]
             row = (sqnr_db(ref, out), cosine(ref, out))
             per_bucket[spec.bucket_of(float(feeds["t"][0]))].append(row)
@@ -169,25 +189,42 @@ def evaluate(name: str, session: Any, reference: Any, trajectories: Sequence[Tra
                      "cosine": float(np.mean([c for _, c in rows])) if rows else None}
                     for k, rows in per_bucket.items()]}
     if sampler:
-        snrs = []
+        snrs, audio = [], []
         for traj in trajectories:
             latents = _with_dit(pipeline, OrtDiT(session)).generate_latents(_options(pipeline, traj.prompt, traj.seed, settings))
             snrs.append(sqnr_db(traj.latents.numpy(), latents.numpy()))
+            reference_audio = traj.audio if traj.audio is not None else decode_audio(pipeline, traj.latents, settings)
+            audio.append(sqnr_db(reference_audio, decode_audio(pipeline, latents, settings)))
         result["final_latent_snr_db"] = float(np.mean(snrs))
+        result["audio_snr_db"] = float(np.mean(audio))
     return result
 
 
+def fused_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """The three headline figures of an `evaluate` row, for a second run of the same candidate with ONNX
+    Runtime's fused integer kernels (kept beside the exact-arithmetic figures as `row["fused"]`)."""
+    return {k: row.get(k) for k in ("mean_step_sqnr_db", "final_latent_snr_db", "audio_snr_db")}
+
+
 def markdown(rows: Sequence[dict[str, Any]], title: str = "Accuracy against FP32") -> str:
-    """One row per candidate: mean per-step SQNR, per-bucket SQNR, cosine, final-latent SNR, weight size."""
+    """One row per candidate: mean per-step SQNR, per-bucket SQNR, cosine, final-latent SNR, decoded-audio
+    SNR, weight size; where any row was also run with ONNX Runtime's fused integer kernels, a column with
+    those three figures (step / latent / audio)."""
     buckets = max((len(r["buckets"]) for r in rows), default=0)
+    fused = any(r.get("fused") for r in rows)
     head = ["candidate", "mean step SQNR dB"] + [f"b{k} SQNR" for k in range(buckets)] + \
-           ["min step SQNR", "mean cosine", "final-latent SNR dB", "DiT weights vs FP32"]
+           ["min step SQNR", "mean cosine", "final-latent SNR dB", "decoded-audio SNR dB", "DiT weights vs FP32"] + \
+           (["fused ORT kernel: step / latent / audio dB"] if fused else [])
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         cells = [r["name"], fmt(r["mean_step_sqnr_db"])] + [fmt(b["sqnr_db"]) for b in r["buckets"]] + \
                 [fmt(r["min_step_sqnr_db"]), fmt(r["mean_cosine"], 5), fmt(r.get("final_latent_snr_db")),
-                 fmt(r.get("size_ratio"), 3) + "x" if r.get("size_ratio") else "-"]
+                 fmt(r.get("audio_snr_db")), fmt(r.get("size_ratio"), 3) + "x" if r.get("size_ratio") else "-"]
+        if fused:
+            f = r.get("fused")
+            cells.append(" / ".join(fmt(f.get(k)) for k in ("mean_step_sqnr_db", "final_latent_snr_db", "audio_snr_db"))
+                         if f else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -201,7 +238,8 @@ def write_report(directory: Path, rows: Sequence[dict[str, Any]], context: dict[
     lines = ["# quadit accuracy report", "", f"Held-out prompts ({len(context['prompts'])}), {context['settings']['steps']} "
              f"steps, {context['settings']['seconds']} s, CFG {context['settings']['cfg_scale'] or 'of the model'}; reference: "
              "the FP32 graph in ONNX Runtime. SQNR of the DiT output on the FP32 trajectory's inputs, averaged "
-             "per timestep bucket (b0 = noisiest); final-latent SNR after the whole sampler run.", "", table]
+             "per timestep bucket (b0 = noisiest); final-latent SNR after the whole sampler run; decoded-audio SNR of "
+             "those latents through the export's VAE decoder.", "", table]
     (Path(directory) / "report.md").write_text("\n".join(lines))
     return table
 

@@ -3,7 +3,9 @@
 At equal bits on the same model, layers and held-out prompts, a quadit export is compared with
 - `minmax`: the same scheme without smoothing, low-rank branch or per-bucket scales (the naive baseline);
 - ModelOpt: `mtq.quantize` with its INT8 SmoothQuant / INT4 AWQ / W4A8 AWQ config, evaluated in PyTorch
-  (fake quantization), calibrated on the DiT inputs of the calibration prompts' trajectories.
+  (fake quantization), calibrated on the DiT inputs of the calibration prompts' trajectories;
+- ONNX Runtime's own quantizer (`quantize_static` / `quantize_dynamic` / `MatMulNBitsQuantizer`,
+  engines/ort_quantizer_baseline.py), calibrated on the same trajectories.
 """
 from __future__ import annotations
 
@@ -97,6 +99,24 @@ def modelopt_candidate(loaded: LoadedModel, scheme: str, calibration_trajectorie
     dit = loaded.dit if device == "cpu" else copy.deepcopy(loaded.dit).to(device)
     quantized, info = modelopt_quantize(dit, scheme, forward_loop, list(quantizable_linears(loaded.dit)))
     return TorchSession(DiTGraph(quantized)), info
+
+
+def ort_quantizer_candidate(fp32: Path, loaded: LoadedModel, settings: Any, calibration_trajectories: Sequence[Trajectory],
+                            path: Path, session_config: dict[str, str] | None = None, device: str = "cpu"
+                            ) -> tuple[Any, float, dict[str, Any]]:
+    """ONNX Runtime's own quantizer (`engines.ort_quantizer_baseline`, `settings` an OrtQuantSettings) on the
+    FP32 graph and quadit's layers, calibrated on the trajectories' DiT inputs; returns (session, weight
+    bytes, record of the run)."""
+    import onnx
+
+    from engines.ort_quantizer_baseline import quantize, quantized_op_counts
+
+    feeds = [f for traj in calibration_trajectories for f in traj.feeds]
+    record = quantize(fp32, list(quantizable_linears(loaded.dit)), settings, path, feeds)
+    model = onnx.load(str(path))
+    record["ops"] = quantized_op_counts(model)
+    config = {**(W4A16_SESSION_CONFIG if settings.scheme == "w4a16" else {}), **(session_config or {})}
+    return session(path, config, device, int8=True), weight_bytes(model), record
 
 
 def baseline_recipe(recipe: Recipe) -> Recipe:

@@ -145,8 +145,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         raise InputError(f"unknown model '{spec.model}' (choose from: {', '.join(presets.PRESETS)})")
     source = None
     if not spec.synthetic_weights:
-        if spec.model == "sao-mini" and not spec.checkpoint:
-            raise InputError("sao-mini has no published weights: run it with --synthetic-weights "
+        if spec.model in presets.SYNTHETIC_ONLY and not spec.checkpoint:
+            raise InputError(f"{spec.model} has no published weights: run it with --synthetic-weights "
                              "(or give --checkpoint for a model trained with this config)")
         source = resolve_source(spec)
     config = _model_config(spec, source)

@@ -85,6 +85,13 @@ SAO_MINI = _config(vae_channels=16, t5_name="t5-small", t5_max_length=64, cond_d
                    num_heads=8, sample_size=524288)
 SAO_MINI["quadit"] = {"synthetic_t5": {"num_layers": 2, "d_ff": 1024}}
 
+# A second reduced test bed of another size (issue 14: no quantizer choice may be tuned to one model):
+# 384 wide, 4 deep, 6 heads of 64; cond_dim 192 <= 384 and both multiples of the head size.
+SAO_TINY = _config(vae_channels=16, t5_name="t5-small", t5_max_length=64, cond_dim=192, embed_dim=384, depth=4,
+                   num_heads=6, sample_size=524288)
+SAO_TINY["quadit"] = {"synthetic_t5": {"num_layers": 1, "d_ff": 768}}
+# presets with no published weights: they run only with --synthetic-weights (or a user's --checkpoint)
+SYNTHETIC_ONLY = ("sao-mini", "sao-tiny")
 
 
 def _small() -> dict[str, Any]:
@@ -111,7 +118,8 @@ def _small() -> dict[str, Any]:
 STABLE_AUDIO_OPEN_SMALL = _small()
 
 PRESETS: dict[str, dict[str, Any]] = {"stable-audio-open": STABLE_AUDIO_OPEN,
-                                      "stable-audio-open-small": STABLE_AUDIO_OPEN_SMALL, "sao-mini": SAO_MINI}
+                                      "stable-audio-open-small": STABLE_AUDIO_OPEN_SMALL, "sao-mini": SAO_MINI,
+                                      "sao-tiny": SAO_TINY}
 # Hub repositories searched offline (Hugging Face cache) for a preset's weights.
 HUB_REPOS: dict[str, str] = {"stable-audio-open": "stabilityai/stable-audio-open-1.0",
                              "stable-audio-open-small": "stabilityai/stable-audio-open-small"}
