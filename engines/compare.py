@@ -26,7 +26,7 @@ from engines.estimate import log_estimate
 from engines.providers import providers_for, session
 from exporter.errors import InputError
 from exporter.onnx_export import PROTOBUF_LIMIT
-from exporter.quantized_export import Calibration, base_graph, quantize_graph
+from exporter.quantized_export import W4A16_SESSION_CONFIG, Calibration, base_graph, quantize_graph
 from exporter.quantized_export import session_config as needed_config
 from exporter.recipe import Recipe
 
@@ -120,8 +120,11 @@ def ort_quantizer_candidate(fp32: Path, loaded: LoadedModel, settings: Any, cali
 
 
 def baseline_recipe(recipe: Recipe) -> Recipe:
-    """The naive baseline at the recipe's bits: min-max ranges, no smoothing, no branch, one scale."""
-    return dataclasses.replace(recipe, method="minmax", lowrank=0, bucket_policy="shared", alpha=0.5)
+    """The naive baseline at the recipe's bits: min-max ranges, no smoothing, no branch, one scale,
+    weights rounded to nearest with abs-max scales."""
+    return dataclasses.replace(recipe, method="minmax", lowrank=0, bucket_policy="shared", alpha=0.5,
+                               weight_rounding="nearest", weight_clip="absmax", act_clip="absmax",
+                               alpha_search="noise")
 
 
 def _report_steps(settings: AccuracySettings, buckets: int, minmax: bool, modelopt_prompts: int) -> int:

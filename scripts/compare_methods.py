@@ -50,11 +50,18 @@ FULL = [
     q("w4a8", "timestep-smoothquant", "dynamic"),
     q("w4a8", "timestep-smoothquant", "dynamic", lowrank=32),
 ]
-# issue 14's rows: quadit's deployable defaults per scheme against minmax (and the peers below)
+# round to nearest with abs-max scales and the noise-model smoothing search: quadit before issue 14's passes
+RTN = {"weight_rounding": "nearest", "weight_clip": "absmax", "alpha_search": "noise"}
+# issue 14's rows: quadit's deployable defaults per scheme (GPTQ, MSE weight clip, loss-driven smoothing),
+# the same without those passes, and minmax (and the peers below)
 ISSUE14 = [
-    q("w8a8", "minmax"),
+    q("w8a8", "minmax", **RTN),
+    q("w8a8", "timestep-smoothquant", bucket_policy="per-bucket-scale", **RTN),
     q("w8a8", "timestep-smoothquant", bucket_policy="per-bucket-scale"),
+    q("w4a16", "timestep-smoothquant", **RTN),
     q("w4a16", "timestep-smoothquant"),
+    q("w4a16", "timestep-smoothquant", lowrank=32),
+    q("w4a8", "timestep-smoothquant", "dynamic", **RTN),
     q("w4a8", "timestep-smoothquant", "dynamic"),
 ]
 GRIDS = {"full": FULL, "issue14": ISSUE14}
@@ -202,7 +209,7 @@ def main() -> int:
                   f"w8a8 timestep-smoothquant static per-bucket-scale [{name} calibration]")
                  for name, cal in extra.items()]
         # rows of version 2 carry the decoded-audio SNR and the exact/fused split
-        cache_key = json.dumps([2, loaded.identity, dataclasses.asdict(settings), calibration.meta["artifact_sha256"],
+        cache_key = json.dumps([3, loaded.identity, dataclasses.asdict(settings), calibration.meta["artifact_sha256"],
                                 args.modelopt_prompts, prompts, args.fused], sort_keys=True)
         cached = {}
         if args.cache and Path(args.cache).is_file():
