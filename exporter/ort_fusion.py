@@ -225,10 +225,11 @@ def fuse_attention(model: onnx.ModelProto, op: str = "mha") -> tuple[onnx.ModelP
     return model, len(sites)
 
 
-# ONNX Runtime session options of the ONNX Runtime target's graphs, chosen by measurement (sao-mini DiT, CFG
-# batch 2, round-robin; scripts/tune_ort_session.py, docs/results/ort_session/tune.md): one intra-op thread
-# 1.13x slower than ORT's default (a thread per core), no CPU arena 1.04x, optimisation level 'extended' the
-# same as 'all', spinning off 0.975x (best measured; idle spinning also takes cores from other work on a
-# shared machine). The thread count stays ORT's default so the graph does not pin one machine's core count.
-ORT_SESSION_CONFIG: dict[str, str] = {"session.intra_op.allow_spinning": "0", "enable_cpu_mem_arena": "1",
-                                      "graph_optimization_level": "all"}
+# ONNX Runtime session options of the ONNX Runtime target's graphs, chosen by measurement on a quiet machine
+# (sao-mini DiT, CFG batch 2, 1024 latents, round-robin; scripts/tune_ort_session.py,
+# docs/results/ort_session/quiet/tune.md): against ORT's defaults, spinning off 1.09x slower, no CPU arena
+# 1.21x, one intra-op thread 1.65x, optimisation level 'extended' 1.07x, no memory pattern 0.95x (within the
+# noise of 5 rounds). Spinning off measured 0.975x only at load average 10 (docs/results/ort_session/tune.md),
+# where idle spinning takes cores from other processes; a deployment that shares its cores can set it. The
+# thread count stays ORT's default so the graph does not pin one machine's core count.
+ORT_SESSION_CONFIG: dict[str, str] = {"enable_cpu_mem_arena": "1", "graph_optimization_level": "all"}
