@@ -26,7 +26,7 @@ from engines.estimate import log_estimate
 from engines.providers import providers_for, session
 from exporter.errors import InputError
 from exporter.onnx_export import PROTOBUF_LIMIT
-from exporter.quantized_export import W4A16_SESSION_CONFIG, Calibration, base_graph, quantize_graph
+from exporter.quantized_export import Calibration, base_graph, quantize_graph
 from exporter.quantized_export import session_config as needed_config
 from exporter.recipe import Recipe
 
@@ -112,10 +112,12 @@ def ort_quantizer_candidate(fp32: Path, loaded: LoadedModel, settings: Any, cali
     from engines.ort_quantizer_baseline import quantize, quantized_op_counts
 
     feeds = [f for traj in calibration_trajectories for f in traj.feeds]
-    record = quantize(fp32, list(quantizable_linears(loaded.dit)), settings, path, feeds)
+    layers = list(quantizable_linears(loaded.dit))
+    record = quantize(fp32, layers, settings, path, feeds)
     model = onnx.load(str(path))
     record["ops"] = quantized_op_counts(model)
-    config = {**(W4A16_SESSION_CONFIG if settings.scheme == "w4a16" else {}), **(session_config or {})}
+    # what the graph needs to mean what it says, as for quadit's own graphs (a peer is measured like one)
+    config = {**needed_config(Recipe(scheme=settings.scheme), layers), **(session_config or {})}
     return session(path, config, device, int8=True), weight_bytes(model), record
 
 

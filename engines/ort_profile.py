@@ -124,7 +124,18 @@ def profile_session(path: Path, config: Mapping[str, str], feeds: Mapping[str, A
     if len(starts) != warmup + runs:
         raise RuntimeError(f"ORT profile of {path.name} holds {len(starts)} runs, expected {warmup + runs}")
     counted = [e for e in events if e.get("cat") == "Node" and e["ts"] >= starts[warmup]]
-    return breakdown(counted, nodes, runs)
+    out = breakdown(counted, nodes, runs)
+    # the wall time of the same runs: kernel totals well above it mean the profile was disturbed
+    walls = sorted(e["dur"] / 1e3 for e in events if e.get("name") == "model_run" and e["ts"] >= starts[warmup])
+    out["profiled_step_ms"] = walls[len(walls) // 2]
+    return out
+
+
+def median_round(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Of several profiles of one graph, the one with the median kernel total: one round disturbed by the
+    machine (a shared host, another candidate's threads) then does not decide the breakdown."""
+    ordered = sorted(rounds, key=lambda b: b["total"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds": len(rounds)}
 
 
 def amdahl(fp32: Mapping[str, float], quantized: Mapping[str, float]) -> dict[str, float]:

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
 
 from exporter import graph_edit, names, qdq
 from exporter.errors import InputError
@@ -94,7 +95,8 @@ def _alphas(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats: Mapp
     for name in active:
         groups[sites[name].activation].append(name)
     out = {}
-    for members in groups.values():
+    # the loss search quantizes each group's weights at every candidate alpha: minutes at full size
+    for members in tqdm(groups.values(), desc=f"smoothing[{recipe.alpha_search}]", unit="tensor", leave=False):
         ch = np.asarray(stats[members[0]].ch_absmax, np.float64)
         ch = ch[bucket:bucket + 1] if bucket is not None else ch
         w_kn = np.concatenate([weight_out_in(model, sites[m]).T for m in members], axis=1)
@@ -353,7 +355,8 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
         node = graph_edit.node_by_name(model, sites[name].node)
         groups[node.input[0]].append(name)
     k_buckets = len(edges) - 1
-    for tensor, members in groups.items():
+    for tensor, members in tqdm(groups.items(), desc=f"quantize[{recipe.weight_rounding}]", unit="tensor",
+                                leave=False):
         kinds = {(active[m]["scheme"], active[m]["activations"]) for m in members}
         if len(kinds) > 1:
             raise InputError(f"layers {members} read one tensor but have different settings {sorted(kinds)}; "

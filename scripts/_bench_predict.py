@@ -17,7 +17,10 @@ from typing import Any
 import numpy as np
 
 log = logging.getLogger("bench.predict")
-RECIPES = {"w8a8": dict(scheme="w8a8"), "w4a16": dict(scheme="w4a16", block_size=128)}
+# The prediction reads only the graph's structure (precisions, shapes), which the weight and smoothing passes
+# do not change: weights are rounded to nearest, which needs no second moments and is quick at full size.
+_NEAREST = dict(weight_rounding="nearest", weight_clip="absmax", alpha_search="noise")
+RECIPES = {"w8a8": dict(scheme="w8a8", **_NEAREST), "w4a16": dict(scheme="w4a16", block_size=128, **_NEAREST)}
 
 
 def flat_calibration(loaded, buckets: int = 4):

@@ -83,10 +83,12 @@ class _Server:
         self.err.close()
 
 
-def _measure_interleaved(specs: list[dict], warmup: int, runs: int, gap_s: float = 0.05) -> list[dict]:
+def _measure_interleaved(specs: list[dict], warmup: int, runs: int, gap_s: float = 0.05,
+                         profile_rounds: int = 3) -> list[dict]:
     """All candidates loaded at once, stepped round-robin (each round in a rotated order), so a change in
     the machine's speed during the run lands on every candidate alike. `gap_s` between steps lets the
-    previous candidate's ORT threads stop spinning before the next one starts."""
+    previous candidate's ORT threads stop spinning before the next one starts. Profiles are interleaved the
+    same way, `profile_rounds` each, and the median round is kept."""
     servers: list[_Server] = []
     try:
         for spec in specs:
@@ -98,12 +100,17 @@ def _measure_interleaved(specs: list[dict], warmup: int, runs: int, gap_s: float
                 ms = servers[i].ask("step")["ms"]
                 if r >= warmup:
                     times[i].append(ms)
-        results = []
-        for spec, server, t in zip(specs, servers, times):
-            result = {**timing(t), **server.ask("summary")}
-            if spec["kind"] == "ort" and spec.get("profile"):
-                result.update(server.ask("profile"))
-            results.append(result)
+        from engines.ort_profile import median_round
+
+        results = [{**timing(t), **server.ask("summary")} for server, t in zip(servers, times)]
+        profiled = [i for i, spec in enumerate(specs) if spec["kind"] == "ort" and spec.get("profile")]
+        rounds: dict[int, list[dict]] = {i: [] for i in profiled}
+        for r in range(profile_rounds if profiled else 0):
+            for i in [profiled[(r + k) % len(profiled)] for k in range(len(profiled))]:
+                time.sleep(gap_s)
+                rounds[i].append(servers[i].ask("profile")["breakdown"])
+        for i in profiled:
+            results[i]["breakdown"] = median_round(rounds[i])
         return results
     finally:
         for server in servers:
@@ -225,11 +232,13 @@ def _markdown(doc: dict, title: str) -> list[str]:
     if profiled:
         from engines.ort_profile import CATEGORIES
 
-        lines += ["", "Where the time goes (ORT profiler, kernel ms per step):", "",
-                  "| candidate | latent length | " + " | ".join(CATEGORIES) + " | total |",
-                  "|---|---|" + "---|" * (len(CATEGORIES) + 1)]
+        lines += ["", "Where the time goes (ORT profiler, kernel ms per step; the median of interleaved profile "
+                  "rounds; wall = the profiled runs' own step time):", "",
+                  "| candidate | latent length | " + " | ".join(CATEGORIES) + " | total | wall |",
+                  "|---|---|" + "---|" * (len(CATEGORIES) + 2)]
         lines += [f"| {r['name']} | {r['length']} | " + " | ".join(f"{r['breakdown'][c]:.1f}" for c in CATEGORIES)
-                  + f" | {r['breakdown']['total']:.1f} |" for r in profiled]
+                  + f" | {r['breakdown']['total']:.1f} | {r['breakdown'].get('profiled_step_ms', float('nan')):.1f} |"
+                  for r in profiled]
         bounded = [r for r in profiled if r.get("amdahl")]
         lines += ["", "Amdahl view against ORT FP32 (weight GEMMs = the layers quantization replaces; their "
                   "speedup counts the activation quantization and branch work they bring):", "",

@@ -114,6 +114,9 @@ def main() -> int:
     parser.add_argument("--extra-calibration", action="append", default=[], metavar="NAME=DIR",
                         help="also run w8a8 timestep-smoothquant per-bucket-scale with another artifact "
                              "(e.g. an activation-aware vs a uniform sample selection)")
+    parser.add_argument("--recipe-row", action="append", default=[], metavar="NAME=FILE",
+                        help="also evaluate a recipe JSON file (e.g. export.py --auto-precision's recipe.auto.json) "
+                             "as the row NAME, on the same prompts as the grid")
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=None,
@@ -166,6 +169,7 @@ def main() -> int:
 
     grid = [fields for fields in GRIDS[args.grid] if fields["scheme"] in schemes]
     recipes = [Recipe(**fields) for fields in grid]  # bad fields fail here, before any work
+    files = [recipe_file(item) for item in args.recipe_row]
     peers = [] if args.no_ort else [p for p in ort_peers() if p.scheme in schemes]
     loaded = load_model(model_spec(args))
     from engines.durations import pick_seconds
@@ -205,6 +209,7 @@ def main() -> int:
         missing: list[str] = []
         rows = []
         jobs = [(calibration, "", recipe, candidate_name(fields)) for fields, recipe in zip(grid, recipes)]
+        jobs += [(calibration, "", recipe, name) for name, recipe in files]
         jobs += [(cal, f" [{name} calibration]", Recipe(scheme="w8a8", method="timestep-smoothquant"),
                   f"w8a8 timestep-smoothquant static per-bucket-scale [{name} calibration]")
                  for name, cal in extra.items()]
@@ -217,6 +222,16 @@ def main() -> int:
                 entry = json.loads(line)
                 if entry["key"] == cache_key:
                     cached[entry["row"]["name"]] = entry["row"]
+
+        def reuse(name: str) -> bool:
+            """True when the row needs no work: it is in --cache (then it is kept), or --cached-only is set
+            (then it is listed as not measured)."""
+            if name in cached:
+                rows.append(cached[name])
+                return True
+            if args.cached_only:
+                missing.append(name)
+            return args.cached_only
 
         def keep(row: dict) -> None:
             rows.append(row)
@@ -246,11 +261,9 @@ def main() -> int:
 
         for i, (cal, tag, recipe, name) in enumerate(jobs):
             log.info("[%d/%d] %s", i + 1, len(jobs), name)
-            if name in cached:
-                rows.append(cached[name])
-                continue
-            if args.cached_only:
-                missing.append(name)
+            if name in cached and cached[name].get("recipe") != json.loads(json.dumps(recipe.to_json(), default=str)):
+                del cached[name]  # the row's recipe changed (a recipe file, or Recipe's defaults): measure again
+            if reuse(name):
                 continue
 
             def make(config, cal=cal, recipe=recipe, i=i):
@@ -269,11 +282,7 @@ def main() -> int:
             for scheme in schemes:
                 name = f"ModelOpt {scheme} {MODELOPT_CONFIGS[scheme]}"
                 log.info("%s", name)
-                if name in cached:
-                    rows.append(cached[name])
-                    continue
-                if args.cached_only:
-                    missing.append(name)
+                if reuse(name):
                     continue
                 session, info = modelopt_candidate(loaded, scheme, calibration_trajectories())
                 row = run_eval(name, session)
@@ -282,11 +291,7 @@ def main() -> int:
         for i, peer in enumerate(peers):
             name = f"ORT {peer.label()}"
             log.info("[ORT %d/%d] %s", i + 1, len(peers), name)
-            if name in cached:
-                rows.append(cached[name])
-                continue
-            if args.cached_only:
-                missing.append(name)
+            if reuse(name):
                 continue
 
             def make(config, peer=peer, i=i):
@@ -318,6 +323,20 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     print(table)
     return 0
+
+
+def recipe_file(item: str):
+    """`NAME=FILE` -> (NAME, the Recipe in FILE); a bad item or file is an InputError (one line, exit 2)."""
+    from exporter.errors import InputError
+    from exporter.recipe import Recipe
+
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise InputError(f"--recipe-row wants NAME=FILE, got {item!r}")
+    try:
+        return name, Recipe.from_json(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"cannot read recipe {path}: {exc}") from None
 
 
 def bed_title(identity: dict) -> str:

@@ -70,6 +70,23 @@ def mini_export(mini, tmp_path_factory):
     return out, manifest
 
 
+@pytest.fixture(scope="session")
+def mini_run(mini_export):
+    """`mini_run(prompt, steps, seconds)`: one real sampler run of the FP32 sao-mini export (CFG batch of 2),
+    as engines.accuracy.capture records it (its DiT feeds and the graph's outputs on them)."""
+    from engines.accuracy import AccuracySettings, capture
+    from engines.backends import OrtBackend
+    from engines.runtime import Pipeline
+
+    out, manifest = mini_export
+    pipeline = Pipeline(OrtBackend(out, manifest), manifest)
+
+    def run(prompt: str, steps: int, seconds: float):
+        settings = AccuracySettings(prompts=1, steps=steps, seconds=seconds)
+        return capture(pipeline, pipeline.backend.sessions["dit"], [prompt], settings)[0]
+    return run
+
+
 def run_script(name: str, *args: str, cwd: Path | None = None, timeout: int = 900,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run one of scripts/*.py in a subprocess with this interpreter (`env` adds variables)."""

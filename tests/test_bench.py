@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from engines.ort_profile import CATEGORIES, amdahl, classify_graph, profile_session
+from engines.ort_profile import CATEGORIES, amdahl, classify_graph, median_round, profile_session
 from exporter.layers import quantizable_linears
 from exporter.quantized_export import quantize_graph
 from exporter.recipe import Recipe
@@ -51,10 +51,18 @@ def test_profile_breakdown_adds_up_and_shows_the_gemms(mini_export, static_graph
     fp32 = profile_session(mini_export[0] / "dit.onnx", {}, inputs, runs=2)
     quant = profile_session(static_graph[0], {}, inputs, runs=2)
     for b in (fp32, quant):
-        assert set(b) == {*CATEGORIES, "total"}
+        assert set(b) == {*CATEGORIES, "total", "profiled_step_ms"}
         assert b["total"] == pytest.approx(sum(b[c] for c in CATEGORIES))
         assert b["weight GEMMs"] > 0.2 * b["total"]
+        # kernels run one after another (sequential executor): their sum is at most the runs' wall time
+        assert 0.0 < b["total"] <= 1.02 * b["profiled_step_ms"]
     assert fp32["activation quantization"] == 0.0 and quant["activation quantization"] > 0.0
+
+
+def test_median_round_keeps_the_middle_profile():
+    rounds = [{"total": t, "weight GEMMs": t / 2} for t in (90.0, 300.0, 100.0)]
+    assert median_round(rounds) == {"total": 100.0, "weight GEMMs": 50.0, "rounds": 3}
+    assert median_round(rounds[:2])["total"] == 90.0
 
 
 def test_amdahl_arithmetic():

@@ -46,17 +46,10 @@ def test_reader_serves_every_feed_once_per_stride():
 
 
 @pytest.fixture(scope="module")
-def feeds(mini_export):
-    """DiT inputs of one real sampler run (4 steps, CFG batch of 2) and the FP32 graph's outputs on them."""
-    from engines.accuracy import AccuracySettings, capture
-    from engines.backends import OrtBackend
-    from engines.runtime import Pipeline
-
-    out, manifest = mini_export
-    pipeline = Pipeline(OrtBackend(out, manifest), manifest)
-    runs = capture(pipeline, pipeline.backend.sessions["dit"], ["Wind chimes on a porch"],
-                   AccuracySettings(prompts=1, steps=4, seconds=1.0))
-    return runs[0].feeds, runs[0].outputs
+def feeds(mini_run):
+    """DiT inputs of one real sampler run (4 steps) and the FP32 graph's outputs on them."""
+    run = mini_run("Wind chimes on a porch", steps=4, seconds=1.0)
+    return run.feeds, run.outputs
 
 
 def _activation_qdq_consumers(model: onnx.ModelProto) -> tuple[int, set[str]]:

@@ -144,17 +144,9 @@ CASES = [  # (scheme, method, activations, policy, rank, runs on TensorRT)
 
 
 @pytest.fixture(scope="module")
-def trajectory(mini_export):
+def trajectory(mini_run):
     """DiT inputs of one real sampler run (held-out prompt, 8 steps): where accuracy is meaningful."""
-    from engines.accuracy import AccuracySettings, capture
-    from engines.backends import OrtBackend
-    from engines.runtime import Pipeline
-
-    out, manifest = mini_export
-    pipeline = Pipeline(OrtBackend(out, manifest), manifest)
-    runs = capture(pipeline, pipeline.backend.sessions["dit"], ["Thunder rolling over a wheat field"],
-                   AccuracySettings(prompts=1, steps=8, seconds=2.0))
-    return runs[0].feeds
+    return mini_run("Thunder rolling over a wheat field", steps=8, seconds=2.0).feeds
 
 
 @pytest.mark.parametrize("scheme,method,activations,policy,rank,trt", CASES)
