@@ -212,7 +212,15 @@ def auto_precision_stage(loaded: Any, calibration: Any, base: Recipe, budget: fl
         if rows[0]["size_ratio"] > budget + 1e-9:
             raise RuntimeError(f"the chosen assignment measures {rows[0]['size_ratio']:.4f} of FP32, over the budget "
                                f"{budget}: the per-layer byte deltas did not add up")
+        # the knapsack adds per-layer step noise; what the user hears is the end of the sampler run, so of the
+        # measured candidates within the budget the one with the best final-latent SNR is the export's
+        k = pick_measured(rows, budget)
+        chosen_name, recipe = candidates[k]
+        if k:
+            log.info("auto precision: %s measures a better final-latent SNR than the knapsack's mix within the "
+                     "budget; exporting it", chosen_name)
         doc["auto_precision"] = {"budget": budget, "objective": objective, "assignment": choice.assignment,
+                                 "chosen": chosen_name,
                                  "predicted_size_ratio": choice.size_ratio,
                                  "predicted_step_sqnr_db": choice.predicted_step_sqnr_db,
                                  "predicted_final_snr_db": choice.predicted_final_snr_db,
@@ -226,11 +234,19 @@ def auto_precision_stage(loaded: Any, calibration: Any, base: Recipe, budget: fl
         manifest["sensitivity"] = {"file": "sensitivity.json", "schema_version": doc["schema_version"],
                                    "plot": "sensitivity.png"}
         manifest["auto_precision"] = {"recipe": "recipe.auto.json", "budget": budget, "objective": objective,
+                                      "chosen": chosen_name,
                                       "predicted_size_ratio": choice.size_ratio, "verification": rows}
         for follower in follow(recipe):
             follower(tmp, manifest)
 
     return stage
+
+
+def pick_measured(rows: Sequence[Mapping[str, Any]], budget: float) -> int:
+    """Index of the row within `budget` with the best final-latent SNR (ties: the earlier row, the knapsack's
+    mix first); row 0 is always within the budget."""
+    within = [i for i, r in enumerate(rows) if r["size_ratio"] <= budget + 1e-9]
+    return max(within, key=lambda i: (rows[i]["final_latent_snr_db"], -i))
 
 
 def check_arguments(auto: bool, budget: float | None, recipe_file: str | None) -> None:

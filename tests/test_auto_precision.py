@@ -21,6 +21,18 @@ def _doc(deltas: list[dict[str, int]], costs: list[dict[str, float]], fp32: int 
                 for i, (d, c) in enumerate(zip(deltas, costs))]}
 
 
+def test_the_export_is_the_best_measured_candidate_within_the_budget():
+    from engines.auto_precision import pick_measured
+
+    rows = [{"size_ratio": 0.19, "final_latent_snr_db": 20.0},   # the knapsack's mix
+            {"size_ratio": 0.28, "final_latent_snr_db": 30.0},   # uniform w8a8: over the budget
+            {"size_ratio": 0.15, "final_latent_snr_db": 24.0}]   # uniform w4a16
+    assert pick_measured(rows, 0.20) == 2
+    assert pick_measured(rows, 0.30) == 1
+    rows[2]["final_latent_snr_db"] = 20.0  # a tie keeps the mix
+    assert pick_measured(rows, 0.20) == 0
+
+
 def test_knapsack_matches_exhaustive_search_within_the_budget():
     from engines.auto_precision import FLOAT, choose, predicted_size
 
