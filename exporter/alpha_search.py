@@ -58,13 +58,14 @@ def _fake_act(x: np.ndarray, scale: float) -> np.ndarray:
 
 
 def loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarray, per_bucket_scale: bool,
-         weight_bits: int, block: int, quantize_activations: bool, ref: list[np.ndarray] | None = None) -> float:
+         weight_bits: int, block: int, quantize_activations: bool, ref: list[np.ndarray] | None = None,
+         ref_power: list[float] | None = None) -> float:
     """Measured relative output error of the smoothed, quantized Linear(s) on calibration rows, averaged
     over buckets: sum_k ||X_k W - Q(X_k / s) Q(s W)||^2 / ||X_k W||^2. Activations are quantized per
     tensor with the bucket's calibrated range (per-bucket scales) or the overall one, as deployed;
     weights round to nearest (the search ranks smoothing strengths; GPTQ runs afterwards). The products
     run in float32 (the errors measured are 1e-1..1e-4 of the signal, far above its rounding); `ref`, the
-    float outputs per bucket, can be passed in once for all strengths."""
+    float outputs per bucket, and `ref_power`, their squared norms, can be passed in once for all strengths."""
     x = np.asarray(rows, np.float32)                              # [K, R, C]
     w = np.asarray(w_kn, np.float64)
     wq = fake_quantize_weight(w * s[:, None], weight_bits, block).astype(np.float32)
@@ -72,14 +73,19 @@ def loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarra
     if not per_bucket_scale:
         ranges = np.full_like(ranges, ranges.max())
     ref = ref if ref is not None else [x[k] @ w.astype(np.float32) for k in range(x.shape[0])]
+    ref_power = ref_power if ref_power is not None else _powers(ref)
     inv = (1.0 / s).astype(np.float32)[None, :]
     total = 0.0
     for k in range(x.shape[0]):
         xs = x[k] * inv
         xq = _fake_act(xs, max(float(ranges[k]), 1e-12) / 127).astype(np.float32) if quantize_activations else xs
         diff = ref[k] - xq @ wq
-        total += float(np.square(diff, dtype=np.float64).sum() / max(float(np.square(ref[k], dtype=np.float64).sum()), 1e-300))
+        total += float(np.square(diff, dtype=np.float64).sum() / max(ref_power[k], 1e-300))
     return total / x.shape[0]
+
+
+def _powers(ref: list[np.ndarray]) -> list[float]:
+    return [float(np.square(r, dtype=np.float64).sum()) for r in ref]
 
 
 def best_alpha_loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, per_bucket_scale: bool,
@@ -90,6 +96,7 @@ def best_alpha_loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, p
     w_max = np.abs(np.asarray(w_kn, np.float64)).max(axis=1)
     x, w32 = np.asarray(rows, np.float32), np.asarray(w_kn, np.float32)
     ref = [x[k] @ w32 for k in range(x.shape[0])]
+    power = _powers(ref)
     costs = {alpha: loss(x, ch_absmax, w_kn, smoothing_factors(a_max, w_max, alpha).astype(np.float64),
-                         per_bucket_scale, weight_bits, block, quantize_activations, ref) for alpha in ALPHAS}
+                         per_bucket_scale, weight_bits, block, quantize_activations, ref, power) for alpha in ALPHAS}
     return min(costs, key=costs.get), costs

@@ -82,10 +82,21 @@ def _inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     mean = max(float(np.mean(np.diag(h))), 1e-12)
+    from scipy.linalg.lapack import dpotrf, dpotri
+
+    eye = np.eye(h.shape[0])
     for extra in (damp, damp + 0.1, damp + 1.0):
+        # H = L L^T, then H^-1 from L (LAPACK potri, a third of a general inverse's work: the O(K^3) steps
+        # dominate GPTQ on 2048-wide and wider inputs), then H^-1's upper factor
+        lower, info = dpotrf(h + extra * mean * eye, lower=1, clean=1)
+        if info:
+            continue
+        inv, info = dpotri(lower, lower=1)
+        if info:
+            continue
+        inv = np.tril(inv) + np.tril(inv, -1).T
         try:
-            l_inv = np.linalg.inv(np.linalg.cholesky(h + extra * mean * np.eye(h.shape[0])))  # H = L L^T
-            return np.linalg.cholesky(l_inv.T @ l_inv).T
+            return np.linalg.cholesky(inv).T
         except np.linalg.LinAlgError:
             continue
     raise ValueError("second-moment matrix is not positive definite even with damping")
