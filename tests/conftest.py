@@ -54,6 +54,13 @@ def isolated_hf_home(tmp_path_factory):
         yield home
 
 
+# Tests of a graph's structure (types, fusions, checkers, what a profile sees) round weights to nearest:
+# GPTQ and the loss-driven smoothing search take about a minute per sao-mini graph on CI's 2 cores and do
+# not change the graph's structure. tests/test_gptq.py tests the passes; test_quantize's default-recipe
+# cases and the export tests run them end to end.
+RTN = {"weight_rounding": "nearest", "weight_clip": "absmax", "alpha_search": "noise"}
+
+
 @pytest.fixture(scope="session")
 def mini():
     from exporter.models import ModelSpec, load_model

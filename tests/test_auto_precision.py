@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_line_error, run_script
+from conftest import RTN, one_line_error, run_script
 
 LAYERS = ["transformer.layers.0.self_attn.to_qkv", "transformer.layers.0.ff.ff.2"]
 
@@ -97,7 +97,7 @@ def sensitivity(mini, mini_export, mini_calibration, tmp_path_factory):
     settings = SensitivitySettings(prompts=1, probes_per_bucket=1, final_prompts=1)
     trajectories = capture(pipeline, reference, mini_calibration.meta["prompts"]["list"][:1], sampling)
     probe = Probe(reference, trajectories, mini_calibration.edges, settings, pipeline, sampling)
-    base = Recipe(scheme="w8a8")
+    base = Recipe(scheme="w8a8", **RTN)
     size = weight_bytes(onnx.load(str(fp32)))
     doc = measure_sensitivity(fp32, mini, mini_calibration, base, ("w8a8", "w4a16"), probe,
                               tmp_path_factory.mktemp("sens"), size, size, layers=LAYERS)

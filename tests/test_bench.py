@@ -13,6 +13,7 @@ from engines.ort_profile import CATEGORIES, amdahl, classify_graph, median_round
 from exporter.layers import quantizable_linears
 from exporter.quantized_export import quantize_graph
 from exporter.recipe import Recipe
+from conftest import RTN
 from scripts._bench_candidates import feeds, torch_candidates, worker
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -25,7 +26,7 @@ def static_graph(mini, mini_export, mini_calibration, tmp_path_factory):
     out, _ = mini_export
     layers = list(quantizable_linears(mini.dit))
     model, _ = quantize_graph(out / "dit.onnx", layers, mini_calibration,
-                              Recipe(scheme="w8a8", bucket_policy="per-bucket-scale"))
+                              Recipe(scheme="w8a8", bucket_policy="per-bucket-scale", **RTN))
     path = tmp_path_factory.mktemp("bench") / "w8a8.onnx"
     onnx.save(model, str(path))
     return path, len(layers)

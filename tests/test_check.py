@@ -21,12 +21,14 @@ from conftest import ROOT, one_line_error, run_script
 pytestmark = pytest.mark.filterwarnings("ignore")
 POLYGRAPHY = str(Path(sys.executable).parent / "polygraphy")
 LOADER = str(ROOT / "engines" / "polygraphy_loader.py")
-FLAGS = {"w8a8": ["--scheme", "w8a8"],
+# round to nearest (conftest.RTN): the checks compare the export with FP32, whatever its weight passes
+_RTN = ["--weight-rounding", "nearest", "--weight-clip", "absmax", "--alpha-search", "noise"]
+FLAGS = {"w8a8": ["--scheme", "w8a8", *_RTN],
          # the TensorRT target (FP16-based graphs, FP16 scales; ORT runs their Q/DQ as float math); the w8a8
          # TensorRT-target export of tests/test_quantized_export.py is checked there. Per-bucket graphs
          # (dit.bucket{k}.onnx) and the w4a16 ORT session config: both need quadit's runner
          "w4a16": ["--scheme", "w4a16", "--method", "timestep-smoothquant", "--bucket-policy", "per-bucket-graph",
-                   "--target", "tensorrt"]}
+                   "--target", "tensorrt", *_RTN]}
 
 
 def _ensure_check_data(out: Path, fp32_dit: Path, cal_prompts: list[str]) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import RTN
 from exporter.ort_fusion import MS_DOMAIN, find_attention, fuse_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -71,7 +72,7 @@ def test_fused_w8a8_graph_equals_the_plain_one(fp32_dit, mini, mini_calibration,
     model, feeds, _ = fp32_dit
     path = tmp_path / "dit.fp32.onnx"
     onnx.save(model, str(path))
-    recipe = Recipe(scheme="w8a8", method="timestep-smoothquant", activations="static", bucket_policy="per-bucket-scale")
+    recipe = Recipe(scheme="w8a8", method="timestep-smoothquant", activations="static", bucket_policy="per-bucket-scale", **RTN)
     quantized, _ = quantize_graph(path, list(quantizable_linears(mini.dit)), mini_calibration, recipe)
     plain = _run(quantized, feeds)
     fused, count = fuse_attention(quantized, "mha")
@@ -106,7 +107,7 @@ def test_onnxruntime_target_export_writes_the_fused_graph(mini_export, mini, min
     from exporter.recipe import Recipe
 
     out, manifest = mini_export
-    recipe = Recipe(scheme="w8a8", method="timestep-smoothquant", activations="dynamic", bucket_policy="shared")
+    recipe = Recipe(scheme="w8a8", method="timestep-smoothquant", activations="dynamic", bucket_policy="shared", **RTN)
     for attention, expected in (("mha", 12), ("none", 0)):
         target = tmp_path / attention
         shutil.copytree(out, target)

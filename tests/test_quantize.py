@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from calibration.collector import BucketSpec
+from conftest import RTN
 from engines.accuracy import sqnr_db
 from exporter import names, qdq
 from exporter.layers import quantizable_linears
@@ -133,13 +134,13 @@ def _feeds(rng, t):
 
 
 MIN_SQNR = {"w8a8": 15.0, "w4a16": 6.0, "w4a8": 6.0}  # dB on real trajectory inputs; measured values in the log
-CASES = [  # (scheme, method, activations, policy, rank, runs on TensorRT)
-    ("w8a8", "timestep-smoothquant", "static", "per-bucket-scale", 0, True),
-    ("w8a8", "smoothquant", "static", "shared", 8, True),
-    ("w4a16", "timestep-smoothquant", "static", "shared", 8, True),
-    ("w8a8", "timestep-smoothquant", "dynamic", "shared", 0, False),
-    ("w4a8", "timestep-smoothquant", "static", "per-bucket-scale", 0, False),
-    ("w4a8", "smoothquant", "dynamic", "shared", 0, False),
+CASES = [  # (scheme, method, activations, policy, rank, runs on TensorRT, the default weight passes)
+    ("w8a8", "timestep-smoothquant", "static", "per-bucket-scale", 0, True, True),
+    ("w8a8", "smoothquant", "static", "shared", 8, True, False),
+    ("w4a16", "timestep-smoothquant", "static", "shared", 8, True, True),
+    ("w8a8", "timestep-smoothquant", "dynamic", "shared", 0, False, False),
+    ("w4a8", "timestep-smoothquant", "static", "per-bucket-scale", 0, False, False),
+    ("w4a8", "smoothquant", "dynamic", "shared", 0, False, True),
 ]
 
 
@@ -149,13 +150,13 @@ def trajectory(mini_run):
     return mini_run("Thunder rolling over a wheat field", steps=8, seconds=2.0).feeds
 
 
-@pytest.mark.parametrize("scheme,method,activations,policy,rank,trt", CASES)
+@pytest.mark.parametrize("scheme,method,activations,policy,rank,trt,passes", CASES)
 def test_every_scheme_builds_a_valid_graph_that_runs(mini, mini_export, mini_calibration, trajectory, tmp_path,
-                                                     scheme, method, activations, policy, rank, trt):
+                                                     scheme, method, activations, policy, rank, trt, passes):
     out, _ = mini_export
     layers = list(quantizable_linears(mini.dit))
     recipe = Recipe(scheme=scheme, method=method, activations=activations, bucket_policy=policy, lowrank=rank,
-                    block_size=64)
+                    block_size=64, **({} if passes else RTN))
     model, record = quantize_graph(out / "dit.onnx", layers, mini_calibration, recipe)
     onnx.checker.check_model(model)
     assert all(r["quantized"] and r["rank"] == rank for r in record.values())
@@ -210,7 +211,7 @@ def test_per_bucket_scale_equals_quantizing_with_that_buckets_scale(mini, mini_e
 def test_trt_checker_names_the_broken_node(mini, mini_export, mini_calibration, tmp_path):
     out, _ = mini_export
     layers = list(quantizable_linears(mini.dit))
-    model, _ = quantize_graph(out / "dit.onnx", layers, mini_calibration, Recipe(bucket_policy="shared"))
+    model, _ = quantize_graph(out / "dit.onnx", layers, mini_calibration, Recipe(bucket_policy="shared", **RTN))
     good = tmp_path / "good.onnx"
     onnx.save(model, str(good))
     broken = onnx.ModelProto()

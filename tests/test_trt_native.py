@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from calibration.collector import BucketSpec
+from conftest import RTN
 from engines.accuracy import sqnr_db
 from exporter.layers import quantizable_linears
 from exporter.onnx_export import ort_session
@@ -23,7 +24,7 @@ from exporter.recipe import Recipe
 from exporter.trt_check import check_graph
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {"w8a8": Recipe(scheme="w8a8"), "w4a16": Recipe(scheme="w4a16", block_size=64)}
+RECIPES = {"w8a8": Recipe(scheme="w8a8", **RTN), "w4a16": Recipe(scheme="w4a16", block_size=64, **RTN)}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_fp16_per_bucket_scale_equals_quantizing_with_that_buckets_scale(mini, f
     mechanics alone; with calibrated ranges the FP16 table changes a bucket's step by at most 2^-11 (asserted)."""
     layers = list(quantizable_linears(mini.dit))
     cal = mini_calibration
-    _, record = quantize_graph(fp16_base, layers, cal, Recipe(method="minmax", bucket_policy="per-bucket-scale"))
+    _, record = quantize_graph(fp16_base, layers, cal, Recipe(method="minmax", bucket_policy="per-bucket-scale", **RTN))
     for name, rec in record.items():
         wanted = np.asarray(rec["act_range_per_bucket"]) / 127
         assert np.allclose(rec["act_scales"], wanted, rtol=2.0 ** -10), name
@@ -122,7 +123,7 @@ def test_fp16_per_bucket_scale_equals_quantizing_with_that_buckets_scale(mini, f
                          np.array([float(s.absmax.max()) * 2.0 ** b for b in range(spec.count)]))
            for n, s in cal.stats.items()}
     model, _ = quantize_graph(fp16_base, layers, Calibration(cal.directory, cal.meta, two, cal.edges),
-                              Recipe(method="minmax", bucket_policy="per-bucket-scale"))
+                              Recipe(method="minmax", bucket_policy="per-bucket-scale", **RTN))
     tables = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("prescale_table")]
     assert tables and all(t.dtype == np.float16 and (t <= 1).all() and (t > 0).all() for t in tables)
     assert min(float(t.min()) for t in tables) == 2.0 ** -(spec.count - 1)
@@ -134,7 +135,7 @@ def test_fp16_per_bucket_scale_equals_quantizing_with_that_buckets_scale(mini, f
         pinned = {n: LayerStats(np.repeat(s.ch_absmax[k:k + 1], spec.count, axis=0), np.repeat(s.absmax[k:k + 1], spec.count))
                   for n, s in two.items()}
         single, _ = quantize_graph(fp16_base, layers, Calibration(cal.directory, cal.meta, pinned, cal.edges),
-                                   Recipe(method="minmax", bucket_policy="shared"))
+                                   Recipe(method="minmax", bucket_policy="shared", **RTN))
         onnx.save(single, str(tmp_path / f"single{k}.onnx"))
         feeds = _feeds(rng, t)
         a, b = session.run(None, feeds)[0], ort_session(tmp_path / f"single{k}.onnx").run(None, feeds)[0]
