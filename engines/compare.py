@@ -28,7 +28,7 @@ from exporter.errors import InputError
 from exporter.onnx_export import PROTOBUF_LIMIT
 from exporter.quantized_export import Calibration, base_graph, quantize_graph
 from exporter.quantized_export import session_config as needed_config
-from exporter.recipe import Recipe
+from exporter.recipe import ROUND_TO_NEAREST, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ def baseline_recipe(recipe: Recipe) -> Recipe:
     """The naive baseline at the recipe's bits: min-max ranges, no smoothing, no branch, one scale,
     weights rounded to nearest with abs-max scales."""
     return dataclasses.replace(recipe, method="minmax", lowrank=0, bucket_policy="shared", alpha=0.5,
-                               weight_rounding="nearest", weight_clip="absmax", act_clip="absmax",
-                               alpha_search="noise")
+                               act_clip="absmax", **ROUND_TO_NEAREST)
 
 
 def _report_steps(settings: AccuracySettings, buckets: int, minmax: bool, modelopt_prompts: int) -> int:

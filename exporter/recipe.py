@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 from exporter.errors import InputError
@@ -44,6 +45,10 @@ OVERRIDABLE = ("scheme", "alpha", "lowrank", "block_size", "activations")
 # trajectories, unless the recipe sets its own: what `scripts/check.py` enforces. Set from the sao-mini
 # synthetic model's measured figures with a few dB of margin (docs/figures.md).
 DEFAULT_CHECK = {"w8a8": (15.0, 0.98), "w4a16": (6.0, 0.85), "w4a8": (6.0, 0.85)}
+
+# quadit before issue 14's passes: weights rounded to nearest with abs-max scales, the noise-model smoothing
+# search (needs neither second moments nor input rows; the baselines, structure-only graphs, comparisons)
+ROUND_TO_NEAREST = {"weight_rounding": "nearest", "weight_clip": "absmax", "alpha_search": "noise"}
 
 
 @dataclass(frozen=True)
@@ -207,3 +212,11 @@ def int4_block(k: int, n: int, requested: int, allowed: tuple[int, ...]) -> int 
         if k % block == 0:
             return block
     return None
+
+
+def read_recipe(path: str | Path) -> "Recipe":
+    """The Recipe in a JSON file; an unreadable or malformed file is an InputError (one line, exit 2)."""
+    try:
+        return Recipe.from_json(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"cannot read recipe {path}: {exc}") from None

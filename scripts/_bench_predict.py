@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from exporter.recipe import ROUND_TO_NEAREST
+
 log = logging.getLogger("bench.predict")
 # The prediction reads only the graph's structure (precisions, shapes), which the weight and smoothing passes
 # do not change: weights are rounded to nearest, which needs no second moments and is quick at full size.
-_NEAREST = dict(weight_rounding="nearest", weight_clip="absmax", alpha_search="noise")
-RECIPES = {"w8a8": dict(scheme="w8a8", **_NEAREST), "w4a16": dict(scheme="w4a16", block_size=128, **_NEAREST)}
+RECIPES = {"w8a8": dict(scheme="w8a8", **ROUND_TO_NEAREST),
+           "w4a16": dict(scheme="w4a16", block_size=128, **ROUND_TO_NEAREST)}
 
 
 def flat_calibration(loaded, buckets: int = 4):

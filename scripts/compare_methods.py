@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from exporter.recipe import ROUND_TO_NEAREST  # noqa: E402
 from scripts._common import add_model_args, model_spec, run, setup_logging  # noqa: E402
 
 log = logging.getLogger("compare")
@@ -51,7 +52,7 @@ FULL = [
     q("w4a8", "timestep-smoothquant", "dynamic", lowrank=32),
 ]
 # round to nearest with abs-max scales and the noise-model smoothing search: quadit before issue 14's passes
-RTN = {"weight_rounding": "nearest", "weight_clip": "absmax", "alpha_search": "noise"}
+RTN = ROUND_TO_NEAREST
 # issue 14's rows: quadit's deployable defaults per scheme (GPTQ, MSE weight clip, loss-driven smoothing),
 # the same without those passes, and minmax (and the peers below)
 ISSUE14 = [
@@ -328,15 +329,12 @@ def main() -> int:
 def recipe_file(item: str):
     """`NAME=FILE` -> (NAME, the Recipe in FILE); a bad item or file is an InputError (one line, exit 2)."""
     from exporter.errors import InputError
-    from exporter.recipe import Recipe
+    from exporter.recipe import read_recipe
 
     name, sep, path = item.partition("=")
     if not sep or not name or not path:
         raise InputError(f"--recipe-row wants NAME=FILE, got {item!r}")
-    try:
-        return name, Recipe.from_json(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise InputError(f"cannot read recipe {path}: {exc}") from None
+    return name, read_recipe(path)
 
 
 def bed_title(identity: dict) -> str:

@@ -74,14 +74,10 @@ def _arguments() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace):
-    from exporter.errors import InputError
-    from exporter.recipe import Recipe
+    from exporter.recipe import Recipe, read_recipe
 
     if args.recipe:
-        try:
-            return Recipe.from_json(json.loads(Path(args.recipe).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
-            raise InputError(f"cannot read recipe {args.recipe}: {exc}") from None
+        return read_recipe(args.recipe)
     method = args.method
     policy = args.bucket_policy if method != "minmax" or args.bucket_policy != "per-bucket-graph" else "shared"
     return Recipe(scheme=args.scheme if args.scheme in QUANTIZED else "w8a8", method=method, alpha=args.alpha,

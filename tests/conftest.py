@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from exporter.recipe import ROUND_TO_NEAREST
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
@@ -58,7 +60,7 @@ def isolated_hf_home(tmp_path_factory):
 # GPTQ and the loss-driven smoothing search take about a minute per sao-mini graph on CI's 2 cores and do
 # not change the graph's structure. tests/test_gptq.py tests the passes; test_quantize's default-recipe
 # cases and the export tests run them end to end.
-RTN = {"weight_rounding": "nearest", "weight_clip": "absmax", "alpha_search": "noise"}
+RTN = ROUND_TO_NEAREST
 
 
 @pytest.fixture(scope="session")

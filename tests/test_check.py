@@ -16,13 +16,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import ROOT, one_line_error, run_script
+from conftest import ROOT, RTN, one_line_error, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 POLYGRAPHY = str(Path(sys.executable).parent / "polygraphy")
 LOADER = str(ROOT / "engines" / "polygraphy_loader.py")
 # round to nearest (conftest.RTN): the checks compare the export with FP32, whatever its weight passes
-_RTN = ["--weight-rounding", "nearest", "--weight-clip", "absmax", "--alpha-search", "noise"]
+_RTN = [arg for field, value in RTN.items() for arg in (f"--{field.replace('_', '-')}", value)]
 FLAGS = {"w8a8": ["--scheme", "w8a8", *_RTN],
          # the TensorRT target (FP16-based graphs, FP16 scales; ORT runs their Q/DQ as float math); the w8a8
          # TensorRT-target export of tests/test_quantized_export.py is checked there. Per-bucket graphs
