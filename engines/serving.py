@@ -270,6 +270,37 @@ def _unload_then_stop(triton: Any) -> None:
     triton.stop()
 
 
+LOAD_ATTEMPTS = 3
+
+
+def _start_triton(triton_cls: Any, server: ServerConfig, scheduler: GenerateScheduler, pipeline: Pipeline,
+                  in_flight: InFlight, attempts: int = LOAD_ATTEMPTS) -> Any:
+    """Start tritonserver and load the model, starting afresh when the model load fails.
+
+    Why a retry: Triton initialises the Python-backend instances in parallel, and PyTriton's instances 1..n
+    fetch their config from a Unix socket that instance 0 opens. asyncio binds that socket (the file
+    appears) before it listens, and the other instances connect as soon as the file exists; one that
+    lands in between gets ECONNREFUSED and the whole model load fails ("load failed ... Connection
+    refused" from `get_config_from_handshake_server`). Seen once in CI on a loaded 2-core machine. A fresh
+    server gets a fresh workspace and socket; a load that fails every time still fails after `attempts`."""
+    from tritonclient.utils import InferenceServerException
+
+    for attempt in range(1, attempts + 1):
+        triton = triton_cls(config=triton_config(server))
+        bind(triton, scheduler, pipeline, in_flight)
+        try:
+            triton.run()
+            return triton
+        except InferenceServerException as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            triton.stop()
+            if "load failed" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("loading %s failed (attempt %d of %d: %s); starting Triton again", MODEL_NAME,
+                        attempt, attempts, first[:200])
+    raise AssertionError("unreachable")
+
+
 def serve(pipeline: Pipeline, server: ServerConfig, scheduling: SchedulerConfig,
           ready: threading.Event | None = None) -> int:
     """Run the server until SIGTERM/SIGINT (or Triton dies); drain, stop, and return the exit code.
@@ -283,11 +314,10 @@ def serve(pipeline: Pipeline, server: ServerConfig, scheduling: SchedulerConfig,
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     scheduler = GenerateScheduler(pipeline, scheduling)
-    triton = Triton(config=triton_config(server))
     in_flight, code = InFlight(), 0
+    triton = None
     try:
-        bind(triton, scheduler, pipeline, in_flight)
-        triton.run()
+        triton = _start_triton(Triton, server, scheduler, pipeline, in_flight)
         log.info("serving %s on http://%s:%d, grpc %s:%d, metrics http://%s:%d/metrics (max batch %d, queue "
                  "delay %g ms, time limit %g s)", MODEL_NAME, server.host, server.http_port, server.host,
                  server.grpc_port, server.host, server.metrics_port, scheduling.max_batch,
@@ -309,7 +339,8 @@ def serve(pipeline: Pipeline, server: ServerConfig, scheduling: SchedulerConfig,
             code = 1
     finally:
         scheduler.close()
-        _unload_then_stop(triton)
+        if triton is not None:
+            _unload_then_stop(triton)
         for s, handler in previous.items():
             signal.signal(s, handler)
     log.info("stopped (%d batches, %d generations, largest batch %d)", scheduler.stats.batches,
