@@ -45,6 +45,7 @@ from exporter.gptq import WeightQuant, quantize_weight
 from exporter.lowrank import branch_weight_error, svd_split
 from exporter.onnx_layers import LinearSite
 from exporter.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, Recipe, int4_block
+from exporter.scale_fold import fold_smoothing_muls
 from exporter.smoothing import apply_smoothing
 
 log = logging.getLogger(__name__)
@@ -350,6 +351,11 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
             for n, rec in smooth_record.items():
                 factors[n] = np.asarray(rec.pop("factors"), np.float64)
                 record[n] = rec
+        smoothed_inputs = {n: graph_edit.node_by_name(model, sites[n].node).input[0] for n in factors}
+        folded = fold_smoothing_muls(model)
+        for n, tensor in smoothed_inputs.items():
+            if tensor in folded:
+                record[n]["how"] = folded[tensor]
     groups: dict[str, list[str]] = defaultdict(list)
     for name in active:
         node = graph_edit.node_by_name(model, sites[name].node)
