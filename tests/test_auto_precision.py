@@ -104,6 +104,7 @@ def sensitivity(mini, mini_export, mini_calibration, tmp_path_factory):
     return doc, fp32, base
 
 
+@pytest.mark.slow  # the sensitivity fixture takes minutes
 def test_sensitivity_document_has_a_number_per_layer_scheme_and_metric(sensitivity, tmp_path):
     from engines.sensitivity import SCHEMA, plot_sensitivity
 
@@ -128,6 +129,7 @@ def test_sensitivity_document_has_a_number_per_layer_scheme_and_metric(sensitivi
     assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_chosen_recipe_respects_the_budget_and_round_trips_to_the_same_graph(sensitivity, mini, mini_calibration):
     from engines.auto_precision import FLOAT, assignment_recipe, choose
     from exporter.graph_edit import weight_bytes

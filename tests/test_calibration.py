@@ -104,6 +104,7 @@ def test_artifact_of_another_model_is_refused_with_what_differs(mini, tmp_path):
         artifact.read(tmp_path / "cal")
 
 
+@pytest.mark.slow
 def test_activation_aware_selection_covers_more_than_uniform_and_random(mini, tmp_path):
     meta, on_disk, tensors = _mini_calibration(mini, tmp_path, selection="activation-aware", budget=4)
     coverage = on_disk["selection"]["coverage"]
@@ -134,6 +135,7 @@ def reference_run(tmp_path_factory):
     return work, prompts, load_file(str(work / "single" / "calibration.safetensors"))
 
 
+@pytest.mark.slow
 def test_torchrun_gloo_two_processes_give_bit_identical_statistics(reference_run):
     work, prompts, single = reference_run
     proc = subprocess.run(_cli(work / "ddp", prompts, torchrun=2), capture_output=True, text=True, env=ENV,

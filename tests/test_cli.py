@@ -27,6 +27,7 @@ def test_generate_cli_writes_stereo_44k_wav_of_requested_length(mini_export, tmp
     assert json.loads(proc.stdout.strip().splitlines()[-1])["out"] == str(wav.resolve())
 
 
+@pytest.mark.slow  # a second model's whole export and generate: minutes
 def test_model_config_of_another_sao_family_model_exports_and_generates(tmp_path):
     from exporter import presets
 

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def w8a8_export(mini_calibration, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / "w8a8"
+    # GPTQ and the MSE clip as by default; the loss-driven smoothing search (minutes here, for two graphs:
+    # the FP16 one and the report's FP32 twin) is left to test_quantize's default-pass case and test_gptq
     proc = run_script("export.py", "--synthetic-weights", "--scheme", "w8a8", "--target", "tensorrt",
+                      "--alpha-search", "noise",
                       "--calibration", str(mini_calibration.directory), "--report-prompts", "2",
                       "--report-steps", "8", "--out", str(out), timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
