@@ -34,6 +34,7 @@ from exporter.models import LoadedModel
 from exporter.onnx_export import PROTOBUF_LIMIT
 from exporter.onnx_layers import locate_linears
 from exporter.quantize import DYNAMIC_KERNELS, LayerStats, quantize_dit
+from exporter.int8_attention import quantize_attention_scores
 from exporter.ort_fusion import ATTENTION_OPS, ORT_SESSION_CONFIG, fuse_attention
 from exporter.recipe import Recipe
 from exporter.precision_map import precision_map
@@ -123,7 +124,11 @@ def quantize_graph(fp32_path: Path, layers: Sequence[str], calibration: Calibrat
                    bucket: int | None = None, dynamic_kernel: str = "dql") -> tuple[onnx.ModelProto, dict]:
     model = onnx.load(str(fp32_path))
     sites = locate_linears(model, list(layers))
-    return quantize_dit(model, sites, calibration.stats, calibration.edges, recipe, bucket, dynamic_kernel)
+    model, record = quantize_dit(model, sites, calibration.stats, calibration.edges, recipe, bucket, dynamic_kernel)
+    if recipe.attention_int8 == "dynamic-qk":
+        model, cores = quantize_attention_scores(model)
+        log.info("attention scores in INT8 (dynamic) in %d cores", cores)
+    return model, record
 
 
 def _json_record(record: Mapping[str, dict]) -> dict[str, dict]:

@@ -33,6 +33,8 @@ TARGETS = ("onnxruntime", "tensorrt")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 CLIPS = ("absmax", "mse")
 ALPHA_SEARCHES = ("noise", "loss")
+# INT8 attention scores (exporter/int8_attention.py), ONNX Runtime target only
+ATTENTION_INT8 = ("none", "dynamic-qk")
 # ONNX Runtime's blocked DequantizeLinear / MatMulNBits take any power of two >= 16
 ORT_INT4_BLOCKS = (16, 32, 64, 128, 256, 512, 1024)
 # TensorRT's INT4 weight-only GEMM: block sizes 64 and 128 only (ARCHITECTURE.md section 3; NVIDIA's ONNX INT4
@@ -89,6 +91,9 @@ class Recipe:
     weight_clip: str = "mse"
     act_clip: str = "absmax"
     alpha_search: str = "loss"
+    # issue 10: INT8 Q·Kᵀ at run time; off by default (slower than FP32 attention on AVX2 without VNNI and
+    # costs accuracy; docs/figures.md, issue 10 section)
+    attention_int8: str = "none"
     min_sqnr_db: float | None = None
     min_cosine: float | None = None
     version: int = RECIPE_VERSION
@@ -101,7 +106,8 @@ class Recipe:
             raise InputError(f"unknown bucket policy '{self.bucket_policy}' (choose from: {', '.join(BUCKET_POLICIES)})")
         for name, value, allowed in (("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS),
                                      ("weight_clip", self.weight_clip, CLIPS), ("act_clip", self.act_clip, CLIPS),
-                                     ("alpha_search", self.alpha_search, ALPHA_SEARCHES)):
+                                     ("alpha_search", self.alpha_search, ALPHA_SEARCHES),
+                                     ("attention_int8", self.attention_int8, ATTENTION_INT8)):
             if value not in allowed:
                 raise InputError(f"unknown {name} '{value}' (choose from: {', '.join(allowed)})")
         if self.version != RECIPE_VERSION:
@@ -148,6 +154,10 @@ class Recipe:
             raise InputError(f"unknown target '{target}' (choose from: {', '.join(TARGETS)})")
         if target != "tensorrt":
             return
+        if self.attention_int8 != "none":
+            raise InputError(f"attention_int8 '{self.attention_int8}' runs as ONNX Runtime's DynamicQuantizeLinear + "
+                             "MatMulInteger, which TensorRT cannot build; use --target onnxruntime or "
+                             "--attention-int8 none")
         layers = [("recipe", self.scheme, self.activations, self.block_size)] + [
             (r.pattern, dict(r.overrides).get("scheme", self.scheme), dict(r.overrides).get("activations", self.activations),
              dict(r.overrides).get("block_size", self.block_size))

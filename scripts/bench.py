@@ -29,14 +29,15 @@ from scripts._bench_candidates import device_of, serve, timing, torch_candidates
 from scripts._common import add_model_args, model_spec, run, setup_logging  # noqa: E402
 
 log = logging.getLogger("bench")
-# name -> (scheme, method, activations, bucket policy, dynamic kernel)
+# name -> (scheme, method, activations, bucket policy, dynamic kernel, attention_int8)
 CANDIDATES = {
-    "ort w8a8 static": ("w8a8", "timestep-smoothquant", "static", "per-bucket-scale", "dql"),
-    "ort w8a8 static (shared)": ("w8a8", "timestep-smoothquant", "static", "shared", "dql"),
-    "ort w8a8 dynamic (dql)": ("w8a8", "timestep-smoothquant", "dynamic", "shared", "dql"),
-    "ort w8a8 dynamic (nbits)": ("w8a8", "timestep-smoothquant", "dynamic", "shared", "nbits"),
-    "ort w4a16": ("w4a16", "timestep-smoothquant", "static", "shared", "dql"),
-    "ort w4a8": ("w4a8", "timestep-smoothquant", "dynamic", "shared", "dql"),
+    "ort w8a8 static": ("w8a8", "timestep-smoothquant", "static", "per-bucket-scale", "dql", "none"),
+    "ort w8a8 static (shared)": ("w8a8", "timestep-smoothquant", "static", "shared", "dql", "none"),
+    "ort w8a8 dynamic (dql)": ("w8a8", "timestep-smoothquant", "dynamic", "shared", "dql", "none"),
+    "ort w8a8 dynamic (dql) int8 attention": ("w8a8", "timestep-smoothquant", "dynamic", "shared", "dql", "dynamic-qk"),
+    "ort w8a8 dynamic (nbits)": ("w8a8", "timestep-smoothquant", "dynamic", "shared", "nbits", "none"),
+    "ort w4a16": ("w4a16", "timestep-smoothquant", "static", "shared", "dql", "none"),
+    "ort w4a8": ("w4a8", "timestep-smoothquant", "dynamic", "shared", "dql", "none"),
 }
 # TensorRT rows: name -> (scheme, bucket policy); strongly typed engines take precision from the graph
 TRT_CANDIDATES = {"tensorrt fp16": ("fp16", None), "tensorrt w8a8": ("w8a8", "shared"),
@@ -394,9 +395,10 @@ def main() -> int:
         ranks = [args.lowrank] + ([args.also_lowrank] if args.also_lowrank else [])
         fusions = [args.attention] + (["none"] if args.also_unfused and args.attention != "none" else [])
         for i, (base_name, rank, fusion) in enumerate((n, r, f) for n in names for r in ranks for f in fusions):
-            scheme, method, act, policy, kernel = CANDIDATES[base_name]
+            scheme, method, act, policy, kernel, int8_attention = CANDIDATES[base_name]
             name = base_name + (f" rank {rank}" if rank else "") + (" unfused" if fusion != args.attention else "")
-            recipe = Recipe(scheme=scheme, method=method, activations=act, bucket_policy=policy, lowrank=rank)
+            recipe = Recipe(scheme=scheme, method=method, activations=act, bucket_policy=policy, lowrank=rank,
+                            attention_int8=int8_attention)
             stage = quantize_stage(loaded, calibration, QuantizeOptions(recipe, "onnxruntime", kernel, fusion), scratch,
                                    source=scratch / "fp32")
             manifest = json.loads(json.dumps(fp32_manifest))

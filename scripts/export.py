@@ -32,7 +32,7 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("--bucket-policy", default="per-bucket-scale",
                         help="shared, per-bucket-scale (one graph) or per-bucket-graph (one graph per bucket)")
     parser.add_argument("--block-size", type=int, default=128, help="INT4 block size along K")
-    from exporter.recipe import ALPHA_SEARCHES, CLIPS, WEIGHT_ROUNDINGS, Recipe
+    from exporter.recipe import ALPHA_SEARCHES, ATTENTION_INT8, CLIPS, WEIGHT_ROUNDINGS, Recipe
 
     parser.add_argument("--weight-rounding", default=Recipe.weight_rounding, choices=WEIGHT_ROUNDINGS,
                         help=f"nearest or gptq (error-minimising, from the calibration's E[x x^T]; default "
@@ -45,6 +45,9 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("--alpha-search", default=Recipe.alpha_search, choices=ALPHA_SEARCHES,
                         help=f"timestep-smoothquant's strength: noise (model of the ranges) or loss (measured "
                              f"output error on the calibration's input rows; default {Recipe.alpha_search})")
+    parser.add_argument("--attention-int8", default=Recipe.attention_int8, choices=ATTENTION_INT8,
+                        help="ONNX Runtime target: dynamic-qk runs attention's Q·Kᵀ as DynamicQuantizeLinear + "
+                             f"MatMulInteger (default {Recipe.attention_int8}: measured slower on AVX2 without VNNI)")
     parser.add_argument("--dynamic-kernel", default="dql", help="dynamic mode in ORT: dql "
                         "(DynamicQuantizeLinear+MatMulInteger) or nbits (MatMulNBits, int8 compute)")
     parser.add_argument("--recipe", help="a recipe JSON file (overrides the flags above)")
@@ -83,7 +86,7 @@ def _recipe(args: argparse.Namespace):
     return Recipe(scheme=args.scheme if args.scheme in QUANTIZED else "w8a8", method=method, alpha=args.alpha,
                   lowrank=args.lowrank, activations=args.activations, bucket_policy=policy, block_size=args.block_size,
                   weight_rounding=args.weight_rounding, weight_clip=args.weight_clip, act_clip=args.act_clip,
-                  alpha_search=args.alpha_search)
+                  alpha_search=args.alpha_search, attention_int8=args.attention_int8)
 
 
 def _calibrate(loaded, args: argparse.Namespace, prompts: list[str], seconds: float, scratch: Path) -> Path:
