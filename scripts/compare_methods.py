@@ -105,6 +105,18 @@ def candidate_name(fields: dict) -> str:
 EXACT_NOTE = "exact Q/DQ (session.disable_quant_qdq)"
 
 
+def _same_recipe(cached: dict | None, recipe) -> bool:
+    """A cached row's recipe equals `recipe`, read as a Recipe (so a field added since, at its default, is
+    the same recipe); an unreadable one is not."""
+    from exporter.errors import InputError
+    from exporter.recipe import Recipe
+
+    try:
+        return cached is not None and Recipe.from_json(cached) == recipe
+    except (InputError, TypeError, KeyError, ValueError):
+        return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_model_args(parser)
@@ -262,7 +274,7 @@ def main() -> int:
 
         for i, (cal, tag, recipe, name) in enumerate(jobs):
             log.info("[%d/%d] %s", i + 1, len(jobs), name)
-            if name in cached and cached[name].get("recipe") != json.loads(json.dumps(recipe.to_json(), default=str)):
+            if name in cached and not _same_recipe(cached[name].get("recipe"), recipe):
                 del cached[name]  # the row's recipe changed (a recipe file, or Recipe's defaults): measure again
             if reuse(name):
                 continue
