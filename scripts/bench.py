@@ -225,6 +225,9 @@ def _markdown(doc: dict, title: str) -> list[str]:
               f"median of {runs} runs after {doc['warmup']} warm-up, "
               + ("candidates one after another." if doc["schedule"] == "serial"
                  else "candidates stepped round-robin (one step each per round, rotating order).")]
+    if doc.get("weights") == "nearest":
+        lines += ["", "Quantized candidates built with round-to-nearest weights (`--weights nearest`): the same "
+                  "graphs and kernels as the default passes give, so the same speed, not their accuracy."]
     if doc["generate_seconds"]:
         lines += ["", f"`generate` ({doc['e2e_steps']} steps, {doc['e2e_audio_seconds']} s audio, median of 3 "
                   "alternating runs): " +
@@ -318,6 +321,13 @@ def main() -> int:
     parser.add_argument("--attention", choices=("mha", "attention23", "none"), default="mha",
                         help="fused attention of the ORT-target graphs and of the fused ORT FP32 row "
                              "(exporter/ort_fusion.py; default mha: com.microsoft MultiHeadAttention)")
+    parser.add_argument("--no-fused-fp32", action="store_true",
+                        help="leave out the fused ORT FP32 row (at full size its session needs another 6 GB)")
+    parser.add_argument("--weights", choices=("default", "nearest"), default="default",
+                        help="weight passes of the quantized candidates: the export's defaults (GPTQ, MSE clip, "
+                             "loss-driven smoothing), or round to nearest (exporter.recipe.ROUND_TO_NEAREST): the "
+                             "same graphs and kernels with other weight values, so the same speed, built in "
+                             "minutes instead of about 40 per graph at full size")
     parser.add_argument("--also-unfused", action="store_true",
                         help="also time each quantized candidate without the attention fusion (today's graph)")
     parser.add_argument("--serial", action="store_true",
@@ -346,7 +356,7 @@ def main() -> int:
     from exporter.export import ExportOptions, export_model
     from exporter.models import load_model
     from exporter.quantized_export import QuantizeOptions, quantize_stage, read_calibration
-    from exporter.recipe import Recipe
+    from exporter.recipe import ROUND_TO_NEAREST, Recipe
 
     if args.predict:
         from scripts._bench_predict import predict_main
@@ -389,7 +399,7 @@ def main() -> int:
     try:
         fp32_manifest = export_model(loaded, scratch / "fp32", ExportOptions(scheme="fp32"))
         exports["ort fp32"] = (scratch / "fp32", fp32_manifest)
-        if args.attention != "none":
+        if args.attention != "none" and not args.no_fused_fp32:
             exports[FUSED_FP32] = _fused_fp32(scratch / "fp32", fp32_manifest, scratch / "fp32-fused", args.attention)
         dims = fp32_manifest["dims"]
         ranks = [args.lowrank] + ([args.also_lowrank] if args.also_lowrank else [])
@@ -398,7 +408,7 @@ def main() -> int:
             scheme, method, act, policy, kernel, int8_attention = CANDIDATES[base_name]
             name = base_name + (f" rank {rank}" if rank else "") + (" unfused" if fusion != args.attention else "")
             recipe = Recipe(scheme=scheme, method=method, activations=act, bucket_policy=policy, lowrank=rank,
-                            attention_int8=int8_attention)
+                            attention_int8=int8_attention, **(ROUND_TO_NEAREST if args.weights == "nearest" else {}))
             stage = quantize_stage(loaded, calibration, QuantizeOptions(recipe, "onnxruntime", kernel, fusion), scratch,
                                    source=scratch / "fp32")
             manifest = json.loads(json.dumps(fp32_manifest))
@@ -460,7 +470,7 @@ def main() -> int:
                    "python": platform.python_version(),
                    "gpu": torch.cuda.get_device_name(0) if cuda else None, "tensorrt": trt_reason or "available"}
         doc = {"model": fp32_manifest["model"], "machine": machine, "runs": args.runs, "warmup": args.warmup,
-               "schedule": "serial" if args.serial else "interleaved", "rows": rows, "gemm_ceiling": ceilings,
+               "schedule": "serial" if args.serial else "interleaved", "weights": args.weights, "rows": rows, "gemm_ceiling": ceilings,
                "generate_seconds": e2e,
                "e2e_steps": args.e2e_steps, "e2e_audio_seconds": args.e2e_seconds}
         title = (f"DiT per step, CFG batch 2, {fp32_manifest['model']['model']} ({fp32_manifest['model']['weights']}), "
