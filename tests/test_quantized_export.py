@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from onnx import TensorProto
 
-from conftest import one_line_error, run_script
+from conftest import RTN, one_line_error, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -19,10 +19,10 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def w8a8_export(mini_calibration, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / "w8a8"
-    # GPTQ and the MSE clip as by default; the loss-driven smoothing search (minutes here, for two graphs:
-    # the FP16 one and the report's FP32 twin) is left to test_quantize's default-pass case and test_gptq
+    # round to nearest: the default weight passes (GPTQ, MSE clip, loss-driven smoothing; minutes here, for
+    # two graphs: the FP16 one and the report's FP32 twin) are test_quantize's default-pass cases and test_gptq's
     proc = run_script("export.py", "--synthetic-weights", "--scheme", "w8a8", "--target", "tensorrt",
-                      "--alpha-search", "noise",
+                      *[arg for field, value in RTN.items() for arg in (f"--{field.replace('_', '-')}", value)],
                       "--calibration", str(mini_calibration.directory), "--report-prompts", "2",
                       "--report-steps", "8", "--out", str(out), timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -213,6 +213,7 @@ def test_int4_block_is_decided_per_layer():
     assert int4_block(256, 7, 64, ORT_INT4_BLOCKS) is None       # odd N cannot be stored as INT4
 
 
+@pytest.mark.slow  # builds whole w4a16 graphs: a minute; in make test-all
 def test_a_block_that_does_not_split_a_layer_gets_a_smaller_one(mini, mini_export, mini_calibration):
     """sao-mini's cross-attention K/V read 256-wide condition tokens: with --block-size 512 those layers get
     block 256 (ONNX Runtime) and everything still quantizes and runs, instead of a ValueError."""
