@@ -19,6 +19,11 @@ def node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
     raise KeyError(f"no node named {name}")
 
 
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that writes it (graph inputs and initializers have none)."""
+    return {o: n for n in model.graph.node for o in n.output}
+
+
 def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:

@@ -20,16 +20,16 @@ from __future__ import annotations
 from onnx import TensorProto, helper
 
 from exporter import graph_edit
-from exporter.ort_fusion import _Graph, find_attention
+from exporter.ort_fusion import find_attention
 
 
 def quantize_attention_scores(model) -> tuple[object, int]:
     """Rewrite every matched attention core's Q·Kᵀ (in place); returns (model, cores rewritten)."""
     sites = find_attention(model)
-    g = _Graph(model)
+    producer = graph_edit.producers(model)
     for k, site in enumerate(sites):
         softmax = next(n for n in model.graph.node if n.name == site.softmax)
-        scores = g.producer[softmax.input[0]]
+        scores = producer[softmax.input[0]]
         base = f"quadit.attention{k}.qk_int8"
         parts = []
         for side, tensor in (("q", scores.input[0]), ("k", scores.input[1])):

@@ -66,7 +66,7 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 class _Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.producer = graph_edit.producers(model)
         self.consumers = graph_edit.consumers(model)
         self.consts = {t.name: t for t in model.graph.initializer}
         for n in model.graph.node:

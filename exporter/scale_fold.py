@@ -50,7 +50,7 @@ class _Columns:
 class _View:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.producer = graph_edit.producers(model)
         self.consumers = graph_edit.consumers(model)
         self.inits = {i.name: i for i in model.graph.initializer}
         self.shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None

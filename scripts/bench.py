@@ -95,7 +95,9 @@ def _measure_interleaved(specs: list[dict], warmup: int, runs: int, gap_s: float
         for spec in specs:
             servers.append(_Server(spec))
         times: list[list[float]] = [[] for _ in specs]
-        for r in range(warmup + runs):
+        from tqdm import tqdm
+
+        for r in tqdm(range(warmup + runs), desc=f"rounds of {len(servers)}", unit="round", leave=False):
             for i in [(r + k) % len(servers) for k in range(len(servers))]:
                 time.sleep(gap_s)
                 ms = servers[i].ask("step")["ms"]
@@ -106,7 +108,7 @@ def _measure_interleaved(specs: list[dict], warmup: int, runs: int, gap_s: float
         results = [{**timing(t), **server.ask("summary")} for server, t in zip(servers, times)]
         profiled = [i for i, spec in enumerate(specs) if spec["kind"] == "ort" and spec.get("profile")]
         rounds: dict[int, list[dict]] = {i: [] for i in profiled}
-        for r in range(profile_rounds if profiled else 0):
+        for r in tqdm(range(profile_rounds if profiled else 0), desc="profile rounds", unit="round", leave=False):
             for i in [profiled[(r + k) % len(profiled)] for k in range(len(profiled))]:
                 time.sleep(gap_s)
                 rounds[i].append(servers[i].ask("profile")["breakdown"])
@@ -236,8 +238,9 @@ def _markdown(doc: dict, title: str) -> list[str]:
     if profiled:
         from engines.ort_profile import CATEGORIES
 
-        lines += ["", "Where the time goes (ORT profiler, kernel ms per step; the median of interleaved profile "
-                  "rounds; wall = the profiled runs' own step time):", "",
+        lines += ["", "Where the time goes (ORT profiler, kernel ms per step; the median of "
+                  f"{doc.get('profile_rounds') or 'the'} interleaved profile rounds; wall = the profiled runs' own "
+                  "step time):", "",
                   "| candidate | latent length | " + " | ".join(CATEGORIES) + " | total | wall |",
                   "|---|---|" + "---|" * (len(CATEGORIES) + 2)]
         lines += [f"| {r['name']} | {r['length']} | " + " | ".join(f"{r['breakdown'][c]:.1f}" for c in CATEGORIES)
@@ -344,6 +347,10 @@ def main() -> int:
     parser.add_argument("--serial", action="store_true",
                         help="time candidates one after another (default: all loaded, stepped round-robin; "
                              "needs the memory of all of them at once)")
+    parser.add_argument("--profile-rounds", type=int, default=3,
+                        help="with --breakdown: interleaved profile rounds per candidate, the median kept (each "
+                             "is a fresh session, 1 warm-up and 3 profiled steps: at full size 1 round takes "
+                             "minutes)")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--e2e-steps", type=int, default=0, help="also time generate with this many steps (0: no)")
@@ -390,9 +397,9 @@ def main() -> int:
         raise InputError(f"--lengths {args.lengths!r} is not a comma-separated list of latent lengths") from None
     if min(lengths) < 1:
         raise InputError(f"--lengths {args.lengths!r}: latent lengths must be >= 1")
-    if args.runs < 1 or args.warmup < 0 or args.e2e_steps == 1 or args.e2e_steps < 0:
-        raise InputError(f"need --runs >= 1, --warmup >= 0 and --e2e-steps 0 or >= 2 (got {args.runs}, "
-                         f"{args.warmup}, {args.e2e_steps})")
+    if args.runs < 1 or args.warmup < 0 or args.e2e_steps == 1 or args.e2e_steps < 0 or args.profile_rounds < 1:
+        raise InputError(f"need --runs >= 1, --warmup >= 0, --e2e-steps 0 or >= 2 and --profile-rounds >= 1 (got "
+                         f"{args.runs}, {args.warmup}, {args.e2e_steps}, {args.profile_rounds})")
     names = [n for n in args.candidates.split(",") if n]
     if unknown := [n for n in names if n not in CANDIDATES]:
         raise InputError(f"unknown candidates {unknown} (choose from: {', '.join(CANDIDATES)})")
@@ -445,7 +452,8 @@ def main() -> int:
             specs += [(n, {**base, "kind": "trt", "engine": str(e)}, None) for n, e in engines.items()
                       if length in engine_lengths]
             results = ([_measure(spec) for _, spec, _ in specs] if args.serial
-                       else _measure_interleaved([spec for _, spec, _ in specs], args.warmup, args.runs))
+                       else _measure_interleaved([spec for _, spec, _ in specs], args.warmup, args.runs,
+                                              profile_rounds=args.profile_rounds))
             for (name, spec, size), result in zip(specs, results):
                 rows.append({"name": name, "length": length, "device": device_of(spec), **result, "size_ratio": size,
                              "gpu_mb": result.get("gpu_mb", float("nan"))})
@@ -484,6 +492,7 @@ def main() -> int:
                    "gpu": torch.cuda.get_device_name(0) if cuda else None, "tensorrt": trt_reason or "available"}
         doc = {"model": fp32_manifest["model"], "machine": machine, "runs": args.runs, "warmup": args.warmup,
                "schedule": "serial" if args.serial else "interleaved", "weights": args.weights, "rows": rows, "gemm_ceiling": ceilings,
+               "profile_rounds": (1 if args.serial else args.profile_rounds) if args.breakdown else 0,
                "generate_seconds": e2e,
                "e2e_steps": args.e2e_steps, "e2e_audio_seconds": args.e2e_seconds}
         title = (f"DiT per step, CFG batch 2, {fp32_manifest['model']['model']} ({fp32_manifest['model']['weights']}), "

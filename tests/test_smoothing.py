@@ -11,6 +11,24 @@ from exporter.onnx_layers import locate_linears
 from exporter.smoothing import apply_smoothing, smoothing_factors
 
 
+def _smoothed_mini(mini, mini_export, alpha: float, seed: int):
+    """The sao-mini FP32 export smoothed with seeded activation ranges: (model, record, rng, export dir)."""
+    out, _ = mini_export
+    model = onnx.load(str(out / "dit.onnx"))
+    layers = quantizable_linears(mini.dit)
+    sites = locate_linears(model, list(layers))
+    rng = np.random.default_rng(seed)
+    act = {n: rng.uniform(0.1, 100.0, m.in_features) for n, m in layers.items()}
+    smoothed, record = apply_smoothing(model, sites, act, alpha)
+    return smoothed, record, rng, out
+
+
+def _feeds(rng: np.random.Generator, t: list[float]) -> dict[str, np.ndarray]:
+    return {"x": rng.standard_normal((2, 64, 50)).astype(np.float32), "t": np.array(t, np.float32),
+            "cross_attn_cond": rng.standard_normal((2, 66, 256)).astype(np.float32),
+            "global_embed": rng.standard_normal((2, 512)).astype(np.float32)}
+
+
 def test_factors_follow_the_smoothquant_formula():
     s = smoothing_factors(np.array([100.0, 1.0, 0.0]), np.array([0.01, 1.0, 2.0]), alpha=0.5)
     np.testing.assert_allclose(s, [100.0, 1.0, 1.0], rtol=1e-6)
@@ -19,23 +37,15 @@ def test_factors_follow_the_smoothquant_formula():
 
 @pytest.mark.parametrize("alpha", [0.5, 0.8])
 def test_smoothed_graph_equals_original(mini, mini_export, tmp_path, alpha):
-    out, _ = mini_export
-    model = onnx.load(str(out / "dit.onnx"))
-    layers = quantizable_linears(mini.dit)
-    sites = locate_linears(model, list(layers))
-    rng = np.random.default_rng(0)
-    act = {n: rng.uniform(0.1, 100.0, m.in_features) for n, m in layers.items()}
-    smoothed, record = apply_smoothing(model, sites, act, alpha)
+    smoothed, record, rng, out = _smoothed_mini(mini, mini_export, alpha, seed=0)
     onnx.checker.check_model(smoothed)
-    assert set(record) == set(layers)
+    assert set(record) == set(quantizable_linears(mini.dit))
     hows = {n.rsplit(".", 1)[-1] if "proj" not in n else "proj": r["how"] for n, r in record.items()}
     assert hows["to_qkv"] == hows["to_q"] == hows["proj"] == "folded into LayerNorm"
     assert hows["to_out"] == hows["to_kv"] == "explicit Mul"
     path = tmp_path / "smoothed.onnx"
     onnx.save(smoothed, str(path))
-    feeds = {"x": rng.standard_normal((2, 64, 50)).astype(np.float32), "t": np.array([0.9, 0.3], np.float32),
-             "cross_attn_cond": rng.standard_normal((2, 66, 256)).astype(np.float32),
-             "global_embed": rng.standard_normal((2, 512)).astype(np.float32)}
+    feeds = _feeds(rng, [0.9, 0.3])
     ref = ort_session(out / "dit.onnx").run(None, feeds)[0]
     got = ort_session(path).run(None, feeds)[0]
     assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-5
@@ -52,13 +62,7 @@ def test_fold_moves_explicit_muls_into_the_producing_linears_exactly(mini, mini_
 
     from exporter.scale_fold import fold_smoothing_muls
 
-    out, _ = mini_export
-    model = onnx.load(str(out / "dit.onnx"))
-    layers = quantizable_linears(mini.dit)
-    sites = locate_linears(model, list(layers))
-    rng = np.random.default_rng(3)
-    act = {n: rng.uniform(0.1, 100.0, m.in_features) for n, m in layers.items()}
-    smoothed, record = apply_smoothing(model, sites, act, 0.5)
+    smoothed, _, rng, out = _smoothed_mini(mini, mini_export, 0.5, seed=3)
     onnx.save(smoothed, str(tmp_path / "explicit.onnx"))
     muls_before = sum(n.op_type == "Mul" for n in smoothed.graph.node)
     folded = fold_smoothing_muls(smoothed)
@@ -70,9 +74,7 @@ def test_fold_moves_explicit_muls_into_the_producing_linears_exactly(mini, mini_
     left = [n.name for n in smoothed.graph.node if n.name.endswith("__smooth_mul")]
     assert len(left) == blocks  # one per cross-attention to_out
     onnx.save(smoothed, str(tmp_path / "folded.onnx"))
-    feeds = {"x": rng.standard_normal((2, 64, 50)).astype(np.float32), "t": np.array([0.7, 0.2], np.float32),
-             "cross_attn_cond": rng.standard_normal((2, 66, 256)).astype(np.float32),
-             "global_embed": rng.standard_normal((2, 512)).astype(np.float32)}
+    feeds = _feeds(rng, [0.7, 0.2])
     ref = ort_session(out / "dit.onnx").run(None, feeds)[0]
     explicit = ort_session(tmp_path / "explicit.onnx").run(None, feeds)[0]
     got = ort_session(tmp_path / "folded.onnx").run(None, feeds)[0]
