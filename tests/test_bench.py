@@ -13,7 +13,7 @@ from engines.ort_profile import CATEGORIES, amdahl, classify_graph, median_round
 from exporter.layers import quantizable_linears
 from exporter.quantized_export import quantize_graph
 from exporter.recipe import Recipe
-from conftest import RTN
+from conftest import RTN, one_line_error, run_script
 from scripts._bench_candidates import feeds, torch_candidates, worker
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -153,3 +153,11 @@ def test_device_of_spec():
 
     assert device_of({"kind": "trt"}) == "cuda" and device_of({"kind": "ort"}) == "cpu"
     assert device_of({"kind": "torch", "device": "cuda"}) == "cuda" and device_of({"kind": "torch", "device": "cpu"}) == "cpu"
+
+
+def test_bad_run_counts_are_refused_before_any_work(tmp_path):
+    """--profile-rounds 0 would leave --breakdown with no profile: refused on one line, nothing written."""
+    proc = run_script("bench.py", "--synthetic-weights", "--calibration", str(tmp_path / "none"), "--breakdown",
+                      "--profile-rounds", "0", "--out", str(tmp_path / "b"), timeout=300)
+    assert "--profile-rounds >= 1" in one_line_error(proc)
+    assert list(tmp_path.iterdir()) == []
