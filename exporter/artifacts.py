@@ -68,6 +68,17 @@ def atomic_file(target: Path) -> Iterator[Path]:
         raise
 
 
+def link_or_copy(src: str, dst: str) -> None:
+    """A `copytree` copy function: hard-link where the file system allows, else copy. Stage artifacts are
+    written once and replaced by rename (above), never edited in place, so a link cannot change under the
+    directory that holds it. An export's calibration copy is 1.6 GB at full size; a copy per export doubles
+    the disk it needs."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     manifest = {"schema_version": MANIFEST_SCHEMA, **manifest}
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

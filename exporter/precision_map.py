@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from exporter import graph_edit
+
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "Softmax", "LayerNormalization")
 _FLOAT_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16"}
 _BYTES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.INT8: 1,
@@ -148,7 +150,7 @@ def _numel(shape: list[int]) -> float:
 class _Graph:
     def __init__(self, model: onnx.ModelProto, info: dict[str, tuple[int, list[int]]]):
         self.inits = {t.name: t for t in model.graph.initializer}
-        self.producers = {o: n for n in model.graph.node for o in n.output}
+        self.producers = graph_edit.producers(model)
         self.info = info
 
     def source(self, name: str) -> tuple[str, onnx.NodeProto | None, int]:

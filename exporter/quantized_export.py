@@ -16,7 +16,6 @@ layer whether it was smoothed, its rank, kernel and scales.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import onnx
 from calibration import artifact
 from calibration.artifact import sha256_file
 from exporter import graph_edit
+from exporter.artifacts import link_or_copy
 from exporter.errors import InputError
 from exporter.export import dit_spec
 from exporter.layers import quantizable_linears
@@ -73,15 +73,6 @@ class Calibration:
     stats: dict[str, LayerStats]
     edges: tuple[float, ...]
 
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """Hard-link the calibration copy where the file system allows. At full size the artifact is 1.6 GB
-    (second moments and reservoirs); a copy per export doubles the disk an export needs. Artifacts are
-    written once and replaced by rename, never edited in place, so a link cannot change under the export."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 def read_calibration(directory: Path, loaded: LoadedModel) -> Calibration:
     """The artifact's per-bucket ranges for every quantizable layer; refused when made for another model."""
@@ -210,7 +201,7 @@ def quantize_stage(loaded: LoadedModel, calibration: Calibration, options: Quant
         if buckets:
             entry["buckets"] = buckets
             entry["bucket_edges"] = list(calibration.edges)
-        shutil.copytree(calibration.directory, tmp / "calibration", copy_function=_link_or_copy,
+        shutil.copytree(calibration.directory, tmp / "calibration", copy_function=link_or_copy,
                         ignore=shutil.ignore_patterns("*.png", "summary.*", ".*"))
         manifest["scheme"] = recipe.scheme
         manifest["parity"]["graph"] = "dit before quantization (FP32); quantized accuracy: report.json"
