@@ -5,11 +5,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 REQS   := requirements/torch.txt requirements/base.txt requirements/nodeps.txt
 STAMP  := $(VENV)/.stamp-$(shell cat $(REQS) | sha256sum | cut -c1-16)
+INSTALLED := $(VENV)/.installed
 DEMO   ?= demo-out
 
-.PHONY: env demo test test-all clean
+.PHONY: env demo test test-all lint clean
 
-env: $(STAMP)
+env: $(STAMP) $(INSTALLED)
 
 $(STAMP): $(REQS)
 	rm -rf $(VENV)
@@ -18,6 +19,10 @@ $(STAMP): $(REQS)
 	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -r requirements/base.txt
 	$(PY) -m pip install -q --no-deps -r requirements/nodeps.txt
+	touch $@
+
+# the package itself (editable) and its `quadit` command, redone when pyproject.toml changes
+$(INSTALLED): pyproject.toml $(STAMP)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -29,6 +34,11 @@ demo: env
 
 test: env
 	$(PY) -m pytest -q tests
+
+# ruff (lint + import order, configured in pyproject.toml); installed on first use, outside the env's stamp
+lint: env
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q -r requirements/lint.txt
+	$(PY) -m ruff check .
 
 test-all: env
 	$(PY) -m pytest -q --run-slow tests

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
 
-from exporter.recipe import ROUND_TO_NEAREST
+from exporter.passes.recipe import ROUND_TO_NEAREST
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -72,7 +75,7 @@ def mini():
 
 @pytest.fixture(scope="session")
 def mini_export(mini, tmp_path_factory):
-    from exporter.export import ExportOptions, export_model
+    from exporter.stages.export import ExportOptions, export_model
 
     out = tmp_path_factory.mktemp("export") / "sao-mini-fp32"
     manifest = export_model(mini, out, ExportOptions(scheme="fp32"))
@@ -82,10 +85,10 @@ def mini_export(mini, tmp_path_factory):
 @pytest.fixture(scope="session")
 def mini_run(mini_export):
     """`mini_run(prompt, steps, seconds)`: one real sampler run of the FP32 sao-mini export (CFG batch of 2),
-    as engines.accuracy.capture records it (its DiT feeds and the graph's outputs on them)."""
-    from engines.accuracy import AccuracySettings, capture
-    from engines.backends import OrtBackend
-    from engines.runtime import Pipeline
+    as engines.evaluation.accuracy.capture records it (its DiT feeds and the graph's outputs on them)."""
+    from engines.evaluation.accuracy import AccuracySettings, capture
+    from engines.runtime.backends import OrtBackend
+    from engines.runtime.pipeline import Pipeline
 
     out, manifest = mini_export
     pipeline = Pipeline(OrtBackend(out, manifest), manifest)
@@ -108,8 +111,8 @@ def run_script(name: str, *args: str, cwd: Path | None = None, timeout: int = 90
 def mini_calibration(mini, tmp_path_factory):
     """A small calibration artifact of sao-mini (4 seed prompts x 8 steps, 3 buckets)."""
     from calibration.prompts import select_prompts
-    from engines.calibrate import CalibrationSettings, calibrate
-    from exporter.quantized_export import read_calibration
+    from engines.calibrate.driver import CalibrationSettings, calibrate
+    from exporter.stages.quantized import read_calibration
 
     out = tmp_path_factory.mktemp("calibration") / "sao-mini"
     calibrate(mini, select_prompts("seed", 4), CalibrationSettings(steps=8, buckets=3, seconds=2.0), out,
@@ -123,3 +126,53 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-2000:]
     return lines[0]
+
+
+class Server:
+    """scripts/serve.py on free loopback ports, in a process group of its own (so that a test can signal
+    the whole group); `args` are its scheduling options."""
+
+    def __init__(self, export_dir: Path, log_path: Path,
+                 args: tuple[str, ...] = ("--max-batch", "4", "--max-queue-delay-ms", "1000")) -> None:
+        from engines.serving.server import free_ports
+
+        self.http, self.grpc, self.metrics = free_ports(3)
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        # its own process group, so that the SIGTERM test can signal the whole group (see that test)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "serve.py"), "--export", str(export_dir),
+             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+             *args],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http}{path}"
+
+    def status(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=5) as r:
+                return r.status
+        except Exception:  # noqa: BLE001 - not up yet
+            return 0
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+            if self.status("/v2/models/quadit_generate/ready") == 200:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(self.log_path.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()

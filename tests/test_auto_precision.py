@@ -5,10 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from pathlib import Path
 
 import pytest
-
 from conftest import RTN, one_line_error, run_script
 
 LAYERS = ["transformer.layers.0.self_attn.to_qkv", "transformer.layers.0.ff.ff.2"]
@@ -22,7 +20,7 @@ def _doc(deltas: list[dict[str, int]], costs: list[dict[str, float]], fp32: int 
 
 
 def test_the_export_is_the_best_measured_candidate_within_the_budget():
-    from engines.auto_precision import pick_measured
+    from engines.evaluation.auto_precision import pick_measured
 
     rows = [{"size_ratio": 0.19, "final_latent_snr_db": 20.0},   # the knapsack's mix
             {"size_ratio": 0.28, "final_latent_snr_db": 30.0},   # uniform w8a8: over the budget
@@ -34,9 +32,9 @@ def test_the_export_is_the_best_measured_candidate_within_the_budget():
 
 
 def test_knapsack_matches_exhaustive_search_within_the_budget():
-    from engines.auto_precision import FLOAT, choose, predicted_size
-
     import random
+
+    from engines.evaluation.auto_precision import FLOAT, choose, predicted_size
 
     rng = random.Random(3)
     deltas, costs = [], []
@@ -62,7 +60,7 @@ def test_knapsack_matches_exhaustive_search_within_the_budget():
 
 
 def test_layers_reading_one_tensor_get_one_precision_and_a_budget_below_reach_is_refused():
-    from engines.auto_precision import choose
+    from engines.evaluation.auto_precision import choose
     from exporter.errors import InputError
 
     doc = _doc([{"w8a8": -700, "w4a8": -1300, "w4a16": -1310}] * 4,
@@ -79,15 +77,15 @@ def test_layers_reading_one_tensor_get_one_precision_and_a_budget_below_reach_is
 @pytest.fixture(scope="module")
 def sensitivity(mini, mini_export, mini_calibration, tmp_path_factory):
     """Sensitivity of two sao-mini layers to w8a8 and w4a16 on one calibration prompt's FP32 trajectory."""
-    from engines.accuracy import AccuracySettings, capture
-    from engines.backends import OrtBackend
-    from engines.runtime import Pipeline
-    from engines.sensitivity import Probe, SensitivitySettings, measure_sensitivity
-    from exporter.graph_edit import weight_bytes
-    from exporter.onnx_export import ort_session
-    from exporter.recipe import Recipe
-
     import onnx
+
+    from engines.evaluation.accuracy import AccuracySettings, capture
+    from engines.evaluation.sensitivity import Probe, SensitivitySettings, measure_sensitivity
+    from engines.runtime.backends import OrtBackend
+    from engines.runtime.pipeline import Pipeline
+    from exporter.onnx.graph_edit import weight_bytes
+    from exporter.onnx.torch_export import ort_session
+    from exporter.passes.recipe import Recipe
 
     out, manifest = mini_export
     fp32 = out / manifest["graphs"]["dit"]["file"]
@@ -106,7 +104,7 @@ def sensitivity(mini, mini_export, mini_calibration, tmp_path_factory):
 
 @pytest.mark.slow  # the sensitivity fixture takes minutes
 def test_sensitivity_document_has_a_number_per_layer_scheme_and_metric(sensitivity, tmp_path):
-    from engines.sensitivity import SCHEMA, plot_sensitivity
+    from engines.evaluation.sensitivity import SCHEMA, plot_sensitivity
 
     doc, _, _ = sensitivity
     assert doc["schema_version"] == SCHEMA and doc["kind"] == "quadit-sensitivity"
@@ -131,11 +129,11 @@ def test_sensitivity_document_has_a_number_per_layer_scheme_and_metric(sensitivi
 
 @pytest.mark.slow
 def test_chosen_recipe_respects_the_budget_and_round_trips_to_the_same_graph(sensitivity, mini, mini_calibration):
-    from engines.auto_precision import FLOAT, assignment_recipe, choose
-    from exporter.graph_edit import weight_bytes
-    from exporter.layers import quantizable_linears
-    from exporter.quantized_export import quantize_graph
-    from exporter.recipe import Recipe
+    from engines.evaluation.auto_precision import FLOAT, assignment_recipe, choose
+    from exporter.models.layers import quantizable_linears
+    from exporter.onnx.graph_edit import weight_bytes
+    from exporter.passes.recipe import Recipe
+    from exporter.stages.quantized import quantize_graph
 
     doc, fp32, base = sensitivity
     full = doc["base_weight_bytes"] / doc["fp32_weight_bytes"]

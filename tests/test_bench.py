@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-from engines.ort_profile import CATEGORIES, amdahl, classify_graph, median_round, profile_session
-from exporter.layers import quantizable_linears
-from exporter.quantized_export import quantize_graph
-from exporter.recipe import Recipe
 from conftest import RTN, one_line_error, run_script
-from scripts._bench_candidates import feeds, torch_candidates, worker
+
+from engines.evaluation.bench_candidates import feeds, torch_candidates, worker
+from engines.evaluation.ort_profile import CATEGORIES, amdahl, classify_graph, median_round, profile_session
+from exporter.models.layers import quantizable_linears
+from exporter.passes.recipe import Recipe
+from exporter.stages.quantized import quantize_graph
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 LENGTH = 32
@@ -119,7 +119,7 @@ def test_torch_worker_fp16_on_cuda(mini_export, compile_):
 @pytest.mark.gpu
 @pytest.mark.trt
 def test_trt_worker_times_a_built_engine(mini_export, tmp_path):
-    from engines.tensorrt import BuildSettings, build_engines
+    from engines.runtime.tensorrt import BuildSettings, build_engines
 
     out, manifest = mini_export
     dims = manifest["dims"]
@@ -133,7 +133,7 @@ def test_trt_worker_times_a_built_engine(mini_export, tmp_path):
 
 
 def test_gemm_ceiling_runs_both_kernels_on_one_shape():
-    from engines.ort_profile import gemm_ceiling
+    from engines.evaluation.ort_profile import gemm_ceiling
 
     out = gemm_ceiling(64, 128, 256, runs=2)
     assert (out["m"], out["k"], out["n"]) == (64, 128, 256)
@@ -142,14 +142,14 @@ def test_gemm_ceiling_runs_both_kernels_on_one_shape():
 
 
 def test_tensorrt_rows_only_within_the_models_window(mini):
-    from scripts.bench import trt_lengths
+    from engines.evaluation.bench import trt_lengths
 
     window = int(mini.config["sample_size"]) // int(mini.wrapper.pretransform.downsampling_ratio)
     assert trt_lengths([64, window, window + 1, 1024], mini) == [64, window]
 
 
 def test_device_of_spec():
-    from scripts._bench_candidates import device_of
+    from engines.evaluation.bench_candidates import device_of
 
     assert device_of({"kind": "trt"}) == "cuda" and device_of({"kind": "ort"}) == "cpu"
     assert device_of({"kind": "torch", "device": "cuda"}) == "cuda" and device_of({"kind": "torch", "device": "cpu"}) == "cpu"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 from calibration import artifact
 from calibration.collector import ActivationCollector, BucketSpec, ObserverSettings
-from conftest import ROOT
 
 TS = [0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
 
@@ -63,7 +63,7 @@ def test_collector_statistics_are_exact_and_streaming():
 
 
 def _mini_calibration(mini, tmp_path, **kw):
-    from engines.calibrate import CalibrationSettings, calibrate
+    from engines.calibrate.driver import CalibrationSettings, calibrate
 
     settings = CalibrationSettings(steps=8, buckets=2, seconds=2.0, **kw)
     prompts = ["rain on a tin roof", "a jazz trio playing softly", "a dog barking far away"]
@@ -72,7 +72,7 @@ def _mini_calibration(mini, tmp_path, **kw):
 
 
 def test_artifact_holds_every_quantizable_linear_and_the_summary_shows_the_model(mini, tmp_path):
-    from exporter.layers import quantizable_linears
+    from exporter.models.layers import quantizable_linears
 
     meta, on_disk, tensors = _mini_calibration(mini, tmp_path)
     layers = quantizable_linears(mini.dit)

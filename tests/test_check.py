@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
 from conftest import ROOT, RTN, one_line_error, run_script
+from onnx import numpy_helper
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 POLYGRAPHY = str(Path(sys.executable).parent / "polygraphy")
-LOADER = str(ROOT / "engines" / "polygraphy_loader.py")
+LOADER = str(ROOT / "engines" / "evaluation" / "polygraphy_loader.py")
 # round to nearest (conftest.RTN): the checks compare the export with FP32, whatever its weight passes
 _RTN = [arg for field, value in RTN.items() for arg in (f"--{field.replace('_', '-')}", value)]
 FLAGS = {"w8a8": ["--scheme", "w8a8", *_RTN],
@@ -36,11 +35,11 @@ def _ensure_check_data(out: Path, fp32_dit: Path, cal_prompts: list[str]) -> Non
     the same data here from the report's own held-out trajectories (1 prompt, 8 steps)."""
     if (out / "check" / "inputs.json").is_file():
         return
-    from engines.accuracy import AccuracySettings, capture, heldout_prompts
-    from engines.backends import OrtBackend
-    from engines.check import write_check_data
-    from engines.runtime import Pipeline
-    from exporter.onnx_export import ort_session
+    from engines.evaluation.accuracy import AccuracySettings, capture, heldout_prompts
+    from engines.evaluation.check import write_check_data
+    from engines.runtime.backends import OrtBackend
+    from engines.runtime.pipeline import Pipeline
+    from exporter.onnx.torch_export import ort_session
 
     manifest = json.loads((out / "manifest.json").read_text())
     settings = AccuracySettings(prompts=1, steps=8)
@@ -95,7 +94,7 @@ def test_check_passes_on_quantized_exports(exports, scheme):
     assert f"fp32-onnxrt vs {scheme.split('-')[0]}-onnxrt" in proc.stdout and "FAIL" not in proc.stdout
     report = _report(out)
     manifest = json.loads((out / "manifest.json").read_text())
-    from exporter.recipe import Recipe
+    from exporter.passes.recipe import Recipe
 
     assert report["thresholds"] == Recipe.from_json(manifest["quantization"]["recipe"]).check_thresholds()
     assert report["passed"] and len(report["comparisons"]) == 1
@@ -127,7 +126,7 @@ def test_check_fails_by_the_numbers_on_a_misscaled_activation(misscaled):
 
 
 def test_reference_rerun_matches_the_saved_fp32_outputs(exports, mini_export):
-    from engines.check import run_checks
+    from engines.evaluation.check import run_checks
 
     out = exports["w8a8"]
     saved = run_checks(out)["comparisons"][0]
@@ -145,12 +144,13 @@ def test_fp32_export_and_missing_check_data_exit_2(mini_export, tmp_path):
 
 
 def test_tensorrt_path_wiring_with_stand_in_engines(exports, monkeypatch):
-    """No TensorRT here: engines.tensorrt's metadata check, engine loading and EngineRunner are replaced by
+    """No TensorRT here: engines.runtime.tensorrt's metadata check, engine loading and EngineRunner are replaced by
     stand-ins that run the per-bucket ONNX graphs, so TrtDiTRunner + TrtDiT's bucket choice are exercised."""
-    import engines.tensorrt as trt_mod
     import torch
-    from engines.check import run_checks
-    from exporter.onnx_export import ort_session
+
+    import engines.runtime.tensorrt as trt_mod
+    from engines.evaluation.check import run_checks
+    from exporter.onnx.torch_export import ort_session
 
     out = exports["w4a16"]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import one_line_error, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -29,7 +28,7 @@ def test_generate_cli_writes_stereo_44k_wav_of_requested_length(mini_export, tmp
 
 @pytest.mark.slow  # a second model's whole export and generate: minutes
 def test_model_config_of_another_sao_family_model_exports_and_generates(tmp_path):
-    from exporter import presets
+    from exporter.models import presets
 
     config = presets.preset_config("sao-mini")
     dit = config["model"]["diffusion"]["config"]
@@ -55,7 +54,7 @@ def test_model_config_of_another_sao_family_model_exports_and_generates(tmp_path
 def _corrupt_checkpoint(tmp_path: Path) -> list[str]:
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"\x00garbage" * 100)
-    from exporter import presets
+    from exporter.models import presets
 
     (tmp_path / "model_config.json").write_text(json.dumps(presets.preset_config("sao-mini")))
     return ["--model", "sao-mini", "--checkpoint", str(ckpt)]

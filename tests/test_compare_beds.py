@@ -8,15 +8,14 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, one_line_error, run_script
 
 
 def test_sao_tiny_is_a_second_sao_family_bed_of_another_size():
-    from exporter.layers import quantizable_linears
-    from exporter.models import ModelSpec, load_model
-    from exporter.models.presets import preset_config
     from exporter.errors import InputError
+    from exporter.models import ModelSpec, load_model
+    from exporter.models.layers import quantizable_linears
+    from exporter.models.presets import preset_config
 
     dit = preset_config("sao-tiny")["model"]["diffusion"]["config"]
     assert (dit["embed_dim"], dit["depth"], dit["num_heads"], dit["cond_token_dim"]) == (384, 4, 6, 192)
@@ -27,8 +26,8 @@ def test_sao_tiny_is_a_second_sao_family_bed_of_another_size():
 
 
 def test_grid_rows_are_valid_recipes_named_from_their_fields():
-    from exporter.recipe import Recipe
-    from scripts.compare_methods import GRIDS, candidate_name, ort_peers, q
+    from engines.evaluation.compare_methods import GRIDS, candidate_name, ort_peers, q
+    from exporter.passes.recipe import Recipe
 
     for rows in GRIDS.values():
         names = [candidate_name(fields) for fields in rows]
@@ -99,9 +98,9 @@ class _Noisy:
 
 
 def test_rows_report_step_latent_and_decoded_audio_snr(mini_export):
-    from engines.accuracy import AccuracySettings, capture, decode_audio, evaluate, markdown
-    from engines.backends import OrtBackend
-    from engines.runtime import Pipeline
+    from engines.evaluation.accuracy import AccuracySettings, capture, decode_audio, evaluate, markdown
+    from engines.runtime.backends import OrtBackend
+    from engines.runtime.pipeline import Pipeline
 
     out, manifest = mini_export
     pipeline = Pipeline(OrtBackend(out, manifest), manifest)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import one_line_error, run_script
+
 from exporter.models import ModelSpec, load_model, resolve_source
-from exporter.onnx_export import ort_session
+from exporter.onnx.torch_export import ort_session
 
 SEQ = 32  # tokenizer model_max_length -> the text conditioner's max_length
 
@@ -22,8 +22,7 @@ SEQ = 32  # tokenizer model_max_length -> the text conditioner's max_length
 def make_pipeline(out: Path, seed: int = 0):
     """A StableAudioPipeline of diffusers' own classes at a small size (SAO 1.0's structure: two number
     conditioners, T5 tokens projected 512 -> 128, 12/24-style KV-head sharing, a two-block Oobleck VAE)."""
-    from diffusers import (AutoencoderOobleck, CosineDPMSolverMultistepScheduler, StableAudioDiTModel,
-                           StableAudioPipeline)
+    from diffusers import AutoencoderOobleck, CosineDPMSolverMultistepScheduler, StableAudioDiTModel, StableAudioPipeline
     from diffusers.pipelines.stable_audio import StableAudioProjectionModel
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
@@ -61,7 +60,7 @@ def pipeline_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def diffusers_export(pipeline_dir, tmp_path_factory):
-    from exporter.export import ExportOptions, export_model
+    from exporter.stages.export import ExportOptions, export_model
 
     root, _ = pipeline_dir
     loaded = load_model(ModelSpec(model="stable-audio-open", checkpoint=str(root)))
@@ -150,7 +149,7 @@ def test_both_layouts_give_the_same_dit_graph(diffusers_export, tmp_path):
     """The same weights saved in the stable-audio-tools layout (model.safetensors + model_config.json)."""
     from safetensors.torch import save_file
 
-    from exporter import graphs, onnx_export
+    from exporter.onnx import graphs, torch_export
 
     loaded, out, _ = diffusers_export
     sat = tmp_path / "sat"
@@ -163,10 +162,10 @@ def test_both_layouts_give_the_same_dit_graph(diffusers_export, tmp_path):
     assert again.identity["layout"] == "stable-audio-tools" and again.identity["config_sha256"] == loaded.identity[
         "config_sha256"]
     inputs = _dit_inputs(5)
-    spec = onnx_export.GraphSpec("dit", graphs.DiTGraph(again.dit).eval(), inputs, graphs.DIT_INPUTS, graphs.DIT_OUTPUTS,
+    spec = torch_export.GraphSpec("dit", graphs.DiTGraph(again.dit).eval(), inputs, graphs.DIT_INPUTS, graphs.DIT_OUTPUTS,
                                  {"x": {0: "batch", 2: "length"}, "t": {0: "batch"}, "cross_attn_cond": {0: "batch"},
                                   "global_embed": {0: "batch"}})
-    onnx_export.export_graph(spec, tmp_path / "dit.onnx")
+    torch_export.export_graph(spec, tmp_path / "dit.onnx")
     a, b = _run_dit(tmp_path / "dit.onnx", inputs), _run_dit(out / "dit.onnx", inputs)
     assert _rel(a, b) <= 1e-5
 

@@ -8,9 +8,9 @@ import onnx
 import pytest
 import torch
 
-from exporter.artifacts import atomic_dir, read_manifest
 from exporter.errors import InputError
-from exporter.onnx_export import IR_VERSION, OPSET, ort_session
+from exporter.onnx.artifacts import atomic_dir, read_manifest
+from exporter.onnx.torch_export import IR_VERSION, OPSET, ort_session
 
 
 def _io(model: onnx.ModelProto):
@@ -48,7 +48,7 @@ def test_dit_graph_interface(mini_export):
 
 
 def test_dit_runs_at_other_batch_and_length(mini, mini_export):
-    from exporter.graphs import DiTGraph
+    from exporter.onnx.graphs import DiTGraph
 
     out, _ = mini_export
     session = ort_session(out / "dit.onnx")
@@ -73,18 +73,18 @@ def test_vae_and_text_graph_shapes(mini_export):
 
 
 def test_fp16_export_keeps_fp32_islands(mini, tmp_path):
-    from exporter.export import ExportOptions, export_model
+    from exporter.stages.export import ExportOptions, export_model
 
     manifest = export_model(mini, tmp_path / "fp16", ExportOptions(scheme="fp16"))
     dit = manifest["graphs"]["dit"]
     assert dit["precision"] == "fp16"
-    from exporter.onnx_export import weight_bytes
+    from exporter.onnx.torch_export import weight_bytes
 
     assert dit["weight_bytes"] < 0.55 * weight_bytes(mini.dit)  # about half of FP32
     # The FP16 graph's error against the FP32 model is FP16's own error, not the exporter's: it is
     # no worse than PyTorch running the same FP16 model with the same FP32 islands.
-    from exporter.graphs import DiTGraph
-    from exporter.precision import fp16_dit
+    from exporter.onnx.fp16 import fp16_dit
+    from exporter.onnx.graphs import DiTGraph
 
     g = torch.Generator().manual_seed(3)
     case = (torch.randn(2, 64, 40, generator=g), torch.rand(2, generator=g), torch.randn(2, 66, 256, generator=g),

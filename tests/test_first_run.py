@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, one_line_error, run_script
 
 THIRD_PARTY_NOISE = ("Should have tb<=t1", "Should have ta>=t0", "flash_attn", "pkg_resources", "weight_norm",
@@ -31,7 +30,7 @@ def _script(name: str, *args: str, timeout: int = 900) -> subprocess.CompletedPr
 
 
 def short_window_config(path: Path) -> Path:
-    from exporter import presets
+    from exporter.models import presets
 
     config = presets.preset_config("sao-mini")
     config["sample_size"] = 131072  # 2.97 s at 44.1 kHz: 64 latents
@@ -46,7 +45,7 @@ def short_window_config(path: Path) -> Path:
 # durations -------------------------------------------------------------------------------------------------
 
 def test_durations_default_to_the_window_and_user_values_are_checked():
-    from engines.durations import pick_seconds, window_seconds
+    from engines.runtime.durations import pick_seconds, window_seconds
     from exporter.errors import InputError
 
     short = {"sample_size": 131072, "sample_rate": 44100}
@@ -106,7 +105,7 @@ def test_options_the_model_cannot_take_fail_before_work_on_their_own_line(tmp_pa
 def test_error_raised_under_an_open_progress_bar_starts_its_own_line():
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from tqdm import tqdm\n"
-            "from scripts._common import run, setup_logging\n"
+            "from engines.cli.common import run\nfrom engines.runtime.logs import setup_logging\n"
             "from exporter.errors import InputError\n"
             "def main():\n"
             "    setup_logging()\n"
@@ -137,7 +136,7 @@ def test_default_generate_prints_no_third_party_warnings_and_v_shows_them(mini_e
                                     ("text_encoder", "conditioners", "vae_decoder", "dit")}
     # -v (setup_logging(verbose=True)) installs no filter: the same imports show the prints and the warning
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "from scripts._common import setup_logging\n"
+            "from engines.runtime.logs import setup_logging\n"
             "setup_logging(verbose=True)\n"
             "import stable_audio_tools.models.transformer, k_diffusion\n") % str(ROOT)
     verbose = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -150,7 +149,7 @@ def test_default_generate_prints_no_third_party_warnings_and_v_shows_them(mini_e
 
 def test_only_the_known_messages_from_their_own_modules_are_filtered():
     code = ("import sys, warnings; sys.path.insert(0, %r)\n"
-            "from scripts._common import setup_logging\n"
+            "from engines.runtime.logs import setup_logging\n"
             "setup_logging()\n"
             "msg = 'Should have ta>=t0 but got ta=0.29999998 and t0=0.3.'\n"
             "warnings.warn_explicit(msg, UserWarning, 'brownian_interval.py', 599, "
@@ -166,7 +165,7 @@ def test_only_the_known_messages_from_their_own_modules_are_filtered():
 # ONNX Runtime providers ------------------------------------------------------------------------------------
 
 def test_provider_selection_for_each_device(tmp_path):
-    from engines.providers import CPU, CUDA_EP, TRT_EP, providers_for
+    from engines.runtime.providers import CPU, CUDA_EP, TRT_EP, providers_for
     from exporter.errors import InputError
 
     assert providers_for("cpu") == [CPU]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from calibration.collector import ActivationCollector, BucketSpec, ObserverSettings, merge_reservoirs
-from exporter import qdq
-from exporter.act_scales import search_clip
-from exporter.alpha_search import best_alpha, best_alpha_loss
-from exporter.gptq import WeightQuant, output_error, quantize_weight
+from exporter.passes import qdq
+from exporter.passes.act_scales import search_clip
+from exporter.passes.alpha_search import best_alpha, best_alpha_loss
+from exporter.passes.gptq import WeightQuant, output_error, quantize_weight
 
 
 def _layer(seed: int = 0, k: int = 256, n: int = 192, rows: int = 4096):
@@ -77,8 +77,8 @@ def test_searched_activation_clip_never_measures_worse_than_absmax_and_clips_hea
 
 
 def test_loss_driven_alpha_search_measures_no_more_error_than_the_noise_model_choice():
-    from exporter.alpha_search import loss
-    from exporter.smoothing import smoothing_factors
+    from exporter.passes.alpha_search import loss
+    from exporter.passes.smoothing import smoothing_factors
 
     x, _, w = _layer(4, k=128, n=96, rows=1024)
     rows = x.reshape(4, 256, 128)

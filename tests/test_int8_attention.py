@@ -1,4 +1,4 @@
-"""exporter/int8_attention.py: Q·Kᵀ as DynamicQuantizeLinear + MatMulInteger in every attention core of the
+"""exporter/passes/int8_attention.py: Q·Kᵀ as DynamicQuantizeLinear + MatMulInteger in every attention core of the
 sao-mini DiT (real ONNX Runtime sessions), through the recipe for the ONNX Runtime target only."""
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-
 from conftest import RTN
-from engines.accuracy import sqnr_db
+
+from engines.evaluation.accuracy import sqnr_db
 from exporter.errors import InputError
-from exporter.int8_attention import quantize_attention_scores
-from exporter.ort_fusion import fuse_attention
-from exporter.recipe import Recipe
+from exporter.passes.int8_attention import quantize_attention_scores
+from exporter.passes.ort_fusion import fuse_attention
+from exporter.passes.recipe import Recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_path, name: str) -> np.ndarray:
-    from exporter.onnx_export import ort_session
+    from exporter.onnx.torch_export import ort_session
 
     onnx.save(model, str(tmp_path / name))
     return ort_session(tmp_path / name).run(["v"], feeds)[0]
@@ -27,7 +27,7 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_path, name: s
 
 @pytest.fixture(scope="module")
 def fp32(mini_export):
-    from scripts._bench_candidates import feeds
+    from engines.evaluation.bench_candidates import feeds
 
     out, manifest = mini_export
     return out / manifest["graphs"]["dit"]["file"], feeds(manifest["dims"], 40)
@@ -48,8 +48,8 @@ def test_every_core_gets_integer_scores_close_to_float(fp32, tmp_path):
 
 
 def test_the_recipe_applies_it_on_onnx_runtime_and_tensorrt_refuses_it(fp32, mini, mini_calibration):
-    from exporter.layers import quantizable_linears
-    from exporter.quantized_export import quantize_graph
+    from exporter.models.layers import quantizable_linears
+    from exporter.stages.quantized import quantize_graph
 
     path, _ = fp32
     recipe = Recipe(scheme="w8a8", activations="dynamic", bucket_policy="shared", attention_int8="dynamic-qk", **RTN)

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import one_line_error, run_script
-from exporter.models import hf_cache, presets
+
 from exporter.errors import InputError
-from exporter.models import ModelSpec, config_hash, is_safetensors, load_model, reload_from_identity
+from exporter.models import ModelSpec, config_hash, hf_cache, is_safetensors, load_model, presets, reload_from_identity
 
 SAO_REPO = "stabilityai/stable-audio-open-1.0"
 
@@ -127,7 +126,7 @@ def test_sao_snapshot_own_text_encoder_and_tokenizer_are_used(tiny, hf_home, tmp
 def test_t5_dir_without_tokenizer_is_refused_naming_the_missing_files(tiny, tmp_path):
     d = tmp_path / "text_encoder"
     tiny.t5_conditioner.model.save_pretrained(str(d))  # config + weights, no tokenizer: SAO's text_encoder/
-    from exporter.t5 import resolve_t5_source
+    from exporter.models.t5 import resolve_t5_source
 
     with pytest.raises(InputError, match=r"missing tokenizer files \(tokenizer.json or spiece.model\)"):
         resolve_t5_source(str(d), False, 0)
@@ -141,7 +140,7 @@ def test_tokenizer_smaller_than_the_encoder_vocabulary_is_refused(tiny, tmp_path
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     from exporter.models import build
-    from exporter.t5 import resolve_t5_source
+    from exporter.models.t5 import resolve_t5_source
 
     d = tmp_path / "t5"
     T5EncoderModel(T5Config(vocab_size=32128, d_model=512, d_ff=64, num_layers=1, num_heads=8, d_kv=64,

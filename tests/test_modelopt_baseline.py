@@ -38,9 +38,9 @@ def _sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def runs(mini):
     """All three schemes quantized once, with the caller's model fingerprinted before and after."""
-    from engines.modelopt_baseline import modelopt_quantize
-    from exporter.graphs import DiTGraph
-    from exporter.layers import quantizable_linears
+    from engines.evaluation.modelopt_baseline import modelopt_quantize
+    from exporter.models.layers import quantizable_linears
+    from exporter.onnx.graphs import DiTGraph
 
     g = torch.Generator().manual_seed(0)
     calib, test = [_case(g) for _ in range(4)], _case(g)
@@ -129,9 +129,9 @@ def test_w8a8_beats_w4a8(runs):
 
 
 def test_unknown_scheme_is_input_error(mini):
-    from engines.modelopt_baseline import modelopt_quantize
+    from engines.evaluation.modelopt_baseline import modelopt_quantize
     from exporter.errors import InputError
-    from exporter.layers import quantizable_linears
+    from exporter.models.layers import quantizable_linears
 
     with pytest.raises(InputError) as err:
         modelopt_quantize(mini.dit, "w3a5", lambda m: None, quantizable_linears(mini.dit))

@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from exporter import presets
 from exporter.errors import InputError
-from exporter.models import ModelSpec, load_model
+from exporter.models import ModelSpec, load_model, presets
 
 
 def test_sao_preset_is_the_published_architecture():

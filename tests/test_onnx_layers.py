@@ -5,8 +5,8 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter.layers import quantizable_linears
-from exporter.onnx_layers import locate_linears, weight_out_in
+from exporter.models.layers import quantizable_linears
+from exporter.onnx.linear_nodes import locate_linears, weight_out_in
 
 
 def test_each_quantizable_linear_has_one_site_with_its_weight(mini, mini_export):

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from exporter.graph_edit import drop_stale_value_info
-from exporter.onnx_export import ort_session
+from exporter.onnx.graph_edit import drop_stale_value_info
+from exporter.onnx.torch_export import ort_session
 
 GRAPHS = ("dit", "text_encoder", "conditioners", "vae_decoder")
 

@@ -1,4 +1,4 @@
-"""exporter/ort_fusion.py: the ONNX Runtime target's fused attention equals the plain-op graph to FP32
+"""exporter/passes/ort_fusion.py: the ONNX Runtime target's fused attention equals the plain-op graph to FP32
 rounding (real ONNX Runtime sessions, the sao-mini DiT as exported and as w8a8 quantized), and the export
 records it; the session-option keys of `ort_session_config` reach ONNX Runtime."""
 from __future__ import annotations
@@ -9,18 +9,18 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-
 from conftest import RTN
-from exporter.ort_fusion import MS_DOMAIN, find_attention, fuse_attention
+
+from exporter.passes.ort_fusion import MS_DOMAIN, find_attention, fuse_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], config: dict[str, str] | None = None) -> np.ndarray:
-    from exporter.onnx_export import ort_session
-
     import tempfile
     from pathlib import Path
+
+    from exporter.onnx.torch_export import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "g.onnx"
@@ -35,7 +35,7 @@ def _rel(out: np.ndarray, ref: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def fp32_dit(mini_export):
     out, manifest = mini_export
-    from scripts._bench_candidates import feeds
+    from engines.evaluation.bench_candidates import feeds
 
     return onnx.load(str(out / manifest["graphs"]["dit"]["file"])), feeds(manifest["dims"], 40), manifest
 
@@ -65,9 +65,9 @@ def test_fused_w8a8_graph_equals_the_plain_one(fp32_dit, mini, mini_calibration,
     """The pass runs after quantization; the attention core is float in both, so the two graphs differ only
     by FP32 rounding inside the core (which can move an activation across a rounding step of the next
     quantized layer: hence a bound of a few quantization steps, far below the quantization error itself)."""
-    from exporter.layers import quantizable_linears
-    from exporter.quantized_export import quantize_graph
-    from exporter.recipe import Recipe
+    from exporter.models.layers import quantizable_linears
+    from exporter.passes.recipe import Recipe
+    from exporter.stages.quantized import quantize_graph
 
     model, feeds, _ = fp32_dit
     path = tmp_path / "dit.fp32.onnx"
@@ -85,7 +85,7 @@ def test_fused_w8a8_graph_equals_the_plain_one(fp32_dit, mini, mini_calibration,
 def test_session_options_in_the_config_reach_onnx_runtime(fp32_dit):
     import onnxruntime as ort
 
-    from exporter.onnx_export import apply_session_config
+    from exporter.onnx.torch_export import apply_session_config
 
     options = ort.SessionOptions()
     apply_session_config(options, {"intra_op_num_threads": "1", "enable_cpu_mem_arena": "0",
@@ -103,8 +103,8 @@ def test_onnxruntime_target_export_writes_the_fused_graph(mini_export, mini, min
     """quantize_stage on the ONNX Runtime target fuses and records it; --attention none keeps the plain ops."""
     import shutil
 
-    from exporter.quantized_export import QuantizeOptions, quantize_stage
-    from exporter.recipe import Recipe
+    from exporter.passes.recipe import Recipe
+    from exporter.stages.quantized import QuantizeOptions, quantize_stage
 
     out, manifest = mini_export
     recipe = Recipe(scheme="w8a8", method="timestep-smoothquant", activations="dynamic", bucket_policy="shared", **RTN)
@@ -123,8 +123,8 @@ def test_onnxruntime_target_export_writes_the_fused_graph(mini_export, mini, min
 
 def test_unknown_fused_attention_is_refused():
     from exporter.errors import InputError
-    from exporter.quantized_export import QuantizeOptions
-    from exporter.recipe import Recipe
+    from exporter.passes.recipe import Recipe
+    from exporter.stages.quantized import QuantizeOptions
 
     with pytest.raises(InputError, match="unknown fused attention"):
         QuantizeOptions(Recipe(scheme="w8a8"), "onnxruntime", attention="flash")
@@ -132,7 +132,7 @@ def test_unknown_fused_attention_is_refused():
 
 def test_profile_counts_the_fused_core_as_attention(fp32_dit, tmp_path):
     """--breakdown after the change: MultiHeadAttention lands in 'attention MatMuls' (its Softmax inside)."""
-    from engines.ort_profile import CATEGORIES, profile_session
+    from engines.evaluation.ort_profile import CATEGORIES, profile_session
 
     model, feeds, _ = fp32_dit
     fused, _ = fuse_attention(onnx.ModelProto.FromString(model.SerializeToString()), "mha")
@@ -144,7 +144,7 @@ def test_profile_counts_the_fused_core_as_attention(fp32_dit, tmp_path):
 
 
 def test_bench_table_has_every_cpu_denominator():
-    from scripts.bench import CPU_DENOMINATORS, FUSED_FP32, _markdown
+    from engines.evaluation.bench import CPU_DENOMINATORS, FUSED_FP32, _markdown
 
     names = {"ort fp32": 100.0, FUSED_FP32: 95.0, "torch eager fp32": 110.0, "ort w8a8 static": 57.0}
     rows = [{"name": n, "device": "cpu", "length": 1024, "median_ms": ms, "peak_rss_mb": 500.0, "gpu_mb": float("nan"),

@@ -1,4 +1,4 @@
-"""ONNX Runtime's own quantizer as a comparison peer (engines/ort_quantizer_baseline.py): it quantizes exactly
+"""ONNX Runtime's own quantizer as a comparison peer (engines/evaluation/ort_quantizer_baseline.py): it quantizes exactly
 quadit's Linears, its activation Q/DQ sit on their inputs only, its calibration reader serves the recorded
 feeds in strides, and what its defaults do is pinned (Entropy through quantize_static equals MinMax)."""
 from __future__ import annotations
@@ -8,13 +8,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from engines.accuracy import sqnr_db
-from engines.compare import EXACT_QDQ
-from engines.ort_quantizer_baseline import (OrtQuantSettings, TrajectoryReader, _stride, quantize,
-                                            quantized_op_counts)
+from engines.evaluation.accuracy import sqnr_db
+from engines.evaluation.compare import EXACT_QDQ
+from engines.evaluation.ort_quantizer_baseline import OrtQuantSettings, TrajectoryReader, _stride, quantize, quantized_op_counts
 from exporter.errors import InputError
-from exporter.layers import quantizable_linears
-from exporter.onnx_export import ort_session
+from exporter.models.layers import quantizable_linears
+from exporter.onnx.torch_export import ort_session
 
 SYM = (("ActivationSymmetric", True), ("WeightSymmetric", True), ("OpTypesToExcludeOutputQuantization", ("MatMul", "Gemm")))
 
@@ -75,7 +74,7 @@ def test_quantize_static_quantizes_the_same_linears_inputs_only(mini, mini_expor
     assert record["extra_options"]["CalibStridedMinMax"] == 4
     count, fed = _activation_qdq_consumers(model)
     # one Q per distinct Linear input (the three cross-attention to_kv share the text tokens, ...), none on outputs
-    from exporter.onnx_layers import locate_linears
+    from exporter.onnx.linear_nodes import locate_linears
 
     distinct = len({site.activation for site in locate_linears(onnx.load(str(out / "dit.onnx")), layers).values()})
     assert fed == {"MatMul"} and count == distinct and quantized_op_counts(model)["DequantizeLinear"] == count + 42

@@ -9,19 +9,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import RTN
 from onnx import TensorProto, helper
 
 from calibration.collector import BucketSpec
-from conftest import RTN
-from engines.accuracy import sqnr_db
-from exporter import names, qdq
-from exporter.layers import quantizable_linears
-from exporter.lowrank import branch_weight_error, svd_split
-from exporter.onnx_export import ort_session
-from exporter.quantize import LayerStats, _bucket_index
-from exporter.quantized_export import Calibration, W4A16_SESSION_CONFIG, quantize_graph
-from exporter.recipe import Recipe
-from exporter.trt_check import check_graph
+from engines.evaluation.accuracy import sqnr_db
+from exporter.models.layers import quantizable_linears
+from exporter.onnx.torch_export import ort_session
+from exporter.passes import names, qdq
+from exporter.passes.lowrank import branch_weight_error, svd_split
+from exporter.passes.quantize import LayerStats, _bucket_index
+from exporter.passes.recipe import Recipe
+from exporter.stages.quantized import W4A16_SESSION_CONFIG, Calibration, quantize_graph
+from exporter.tensorrt.checker import check_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,7 +187,8 @@ def test_per_bucket_scale_equals_quantizing_with_that_buckets_scale(mini, mini_e
     layers = list(quantizable_linears(mini.dit))
     cal = mini_calibration
     # round to nearest in both graphs: the test is of activation scales only
-    per_bucket, _ = quantize_graph(out / "dit.onnx", layers, cal, Recipe(method="minmax", bucket_policy="per-bucket-scale", **RTN))
+    recipe = Recipe(method="minmax", bucket_policy="per-bucket-scale", **RTN)
+    per_bucket, _ = quantize_graph(out / "dit.onnx", layers, cal, recipe)
     onnx.save(per_bucket, str(tmp_path / "pb.onnx"))
     session = ort_session(tmp_path / "pb.onnx")
     rng = np.random.default_rng(5)
@@ -227,7 +228,7 @@ def test_trt_checker_names_the_broken_node(mini, mini_export, mini_calibration, 
     onnx.save(broken, str(bad))
     rules = {p.rule for p in check_graph(broken)}
     assert {"symmetric", "no UINT8", "positive scales"} <= rules
-    cli = [sys.executable, "-m", "exporter.trt_check"]
+    cli = [sys.executable, "-m", "exporter.tensorrt.checker"]
     ok = subprocess.run(cli + [str(good)], capture_output=True, text=True, cwd=ROOT)
     fail = subprocess.run(cli + [str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0 and "ok (0 violations)" in ok.stdout
@@ -235,8 +236,8 @@ def test_trt_checker_names_the_broken_node(mini, mini_export, mini_calibration, 
 
 
 def test_alpha_search_minimises_the_noise_model_over_buckets():
-    from exporter.alpha_search import ALPHAS, best_alpha, noise_model
-    from exporter.smoothing import smoothing_factors
+    from exporter.passes.alpha_search import ALPHAS, best_alpha, noise_model
+    from exporter.passes.smoothing import smoothing_factors
 
     rng = np.random.default_rng(7)
     ch = np.abs(rng.standard_normal((4, 128))) * np.array([1.0, 1.5, 2.5, 4.0])[:, None]

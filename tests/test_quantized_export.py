@@ -9,9 +9,8 @@ import numpy as np
 import onnx
 import pytest
 import soundfile as sf
-from onnx import TensorProto
-
 from conftest import RTN, one_line_error, run_script
+from onnx import TensorProto
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

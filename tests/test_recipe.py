@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from exporter.errors import InputError
-from exporter.recipe import LayerRule, Recipe
+from exporter.passes.recipe import LayerRule, Recipe
 
 LAYERS = [f"transformer.layers.{i}.{n}" for i in range(2)
           for n in ("self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q", "cross_attn.to_kv", "ff.ff.2")]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.backends import OrtBackend, TorchBackend
-from engines.runtime import GenerateOptions, Pipeline
+from engines.runtime.backends import OrtBackend, TorchBackend
+from engines.runtime.pipeline import GenerateOptions, Pipeline
 from exporter.errors import InputError
 
 PROMPT = "a dog barking in a large hall"

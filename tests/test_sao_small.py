@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_script
-from engines.backends import OrtBackend, TorchBackend
-from engines.runtime import GenerateOptions, Pipeline
+
+from engines.runtime.backends import OrtBackend, TorchBackend
+from engines.runtime.pipeline import GenerateOptions, Pipeline
 from exporter.models import ModelSpec, family_of, load_model, presets
 
 PROMPT = "warm arpeggios on house beats 120BPM"
@@ -38,7 +38,7 @@ def small():
 
 @pytest.fixture(scope="module")
 def small_export(small, tmp_path_factory):
-    from exporter.export import ExportOptions, export_model
+    from exporter.stages.export import ExportOptions, export_model
 
     out = tmp_path_factory.mktemp("sao-small") / "fp32"
     return out, export_model(small, out, ExportOptions(scheme="fp32"))
@@ -114,7 +114,7 @@ def test_dit_timesteps_are_the_rectified_flow_schedule(small):
 
 
 def test_calibration_buckets_follow_the_t_the_dit_receives(small, tmp_path):
-    from engines.calibrate import CalibrationSettings, calibrate
+    from engines.calibrate.driver import CalibrationSettings, calibrate
 
     seen = []
     handle = small.wrapper.model.register_forward_pre_hook(lambda _m, args: seen.append(float(args[1][0])))

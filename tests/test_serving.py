@@ -8,8 +8,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -18,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Server
 
-from engines.batching import GuidedBatchDiT, generate_batch, split_rows
-from engines.runtime import GenerateOptions, open_pipeline
-from engines.scheduler import GenerateScheduler, RequestTimeout, SchedulerConfig, ServiceClosed
-from engines.serving import MODEL_NAME, RequestError, free_ports, parse_request, prepare_python_backend_env
+from engines.runtime.pipeline import GenerateOptions, open_pipeline
+from engines.serving.batching import GuidedBatchDiT, generate_batch, split_rows
+from engines.serving.scheduler import GenerateScheduler, RequestTimeout, SchedulerConfig, ServiceClosed
+from engines.serving.server import MODEL_NAME, RequestError, parse_request, prepare_python_backend_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -140,50 +139,6 @@ def test_libpython_of_this_interpreter_goes_first():
 
 
 # -- a real server ---------------------------------------------------------------------------------------
-class Server:
-    def __init__(self, export_dir: Path, log_path: Path) -> None:
-        self.http, self.grpc, self.metrics = free_ports(3)
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        # its own process group, so that the SIGTERM test can signal the whole group (see that test)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "serve.py"), "--export", str(export_dir),
-             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
-             "--max-batch", "4", "--max-queue-delay-ms", "1000"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http}{path}"
-
-    def status(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(self.url(path), timeout=5) as r:
-                return r.status
-        except Exception:  # noqa: BLE001 - not up yet
-            return 0
-
-    def wait_ready(self, timeout: float = 240) -> None:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
-            if self.status(f"/v2/models/{MODEL_NAME}/ready") == 200:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(self.log_path.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def server(mini_export, tmp_path_factory):
     srv = Server(mini_export[0], tmp_path_factory.mktemp("serve") / "serve.log")

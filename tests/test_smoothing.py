@@ -5,10 +5,10 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter.layers import quantizable_linears
-from exporter.onnx_export import ort_session
-from exporter.onnx_layers import locate_linears
-from exporter.smoothing import apply_smoothing, smoothing_factors
+from exporter.models.layers import quantizable_linears
+from exporter.onnx.linear_nodes import locate_linears
+from exporter.onnx.torch_export import ort_session
+from exporter.passes.smoothing import apply_smoothing, smoothing_factors
 
 
 def _smoothed_mini(mini, mini_export, alpha: float, seed: int):
@@ -60,7 +60,7 @@ def test_fold_moves_explicit_muls_into_the_producing_linears_exactly(mini, mini_
     attention repeats K/V heads, so one V channel feeds several output channels."""
     from collections import Counter
 
-    from exporter.scale_fold import fold_smoothing_muls
+    from exporter.passes.scale_fold import fold_smoothing_muls
 
     smoothed, _, rng, out = _smoothed_mini(mini, mini_export, 0.5, seed=3)
     onnx.save(smoothed, str(tmp_path / "explicit.onnx"))
@@ -88,7 +88,7 @@ def test_scaling_output_columns_keeps_the_weight_codes(bits, block, rounding, cl
     """Why the fold leaves the quantizer's choice alone: per-column (INT8) and per-(block, column) (INT4)
     scales scale with the column, and GPTQ's H is input-side, so the codes stay (up to FP32 scale rounding
     at exact ties)."""
-    from exporter.gptq import WeightQuant, quantize_weight
+    from exporter.passes.gptq import WeightQuant, quantize_weight
 
     rng = np.random.default_rng(4)
     w = rng.standard_normal((256, 96)) * rng.uniform(0.1, 3.0, 96)

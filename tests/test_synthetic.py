@@ -7,7 +7,7 @@ import torch
 
 from calibration.collector import ActivationCollector, BucketSpec
 from calibration.observers import outlier_fraction, range_growth
-from exporter.layers import quantizable_linears
+from exporter.models.layers import quantizable_linears
 
 
 def _digest(module: torch.nn.Module) -> str:
@@ -19,7 +19,7 @@ def _digest(module: torch.nn.Module) -> str:
 
 
 def test_sao_mini_synthetic_weights_have_outliers_and_range_growth(mini):
-    from exporter.synthetic import measure_quantizer_view
+    from exporter.models.synthetic import measure_quantizer_view
 
     report = measure_quantizer_view(mini.wrapper, ["rain on a tin roof", "a jazz trio playing softly"],
                                     steps=20, seconds=2.0)
@@ -33,9 +33,8 @@ def test_sao_mini_synthetic_weights_have_outliers_and_range_growth(mini):
 
 
 def test_random_init_has_no_outliers_which_is_why_shaping_exists():
-    from exporter import presets
-    from exporter.models import build
-    from exporter.t5 import T5Source
+    from exporter.models import build, presets
+    from exporter.models.t5 import T5Source
 
     config = presets.preset_config("sao-mini")
     wrapper = build(config, T5Source("synthetic", seed=0, overrides=(("d_ff", 1024), ("num_layers", 2))), seed=0)

@@ -14,10 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import one_line_error, run_script
-from engines.tensorrt import (ENGINES_JSON, BuildSettings, MachineFacts, TrtDiT, build_plan, check_engine_metadata,
-                              check_parsable, graph_profiles, latent_lengths, polygraphy_convert_command)
+
+from engines.runtime.tensorrt import (
+    ENGINES_JSON,
+    BuildSettings,
+    MachineFacts,
+    TrtDiT,
+    build_plan,
+    check_engine_metadata,
+    check_parsable,
+    graph_profiles,
+    latent_lengths,
+    polygraphy_convert_command,
+)
 from exporter.errors import InputError
 
 HAS_TRT_GPU = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -279,7 +289,7 @@ def fake_trt(monkeypatch):
     """build_engines' own code path with Polygraphy's builder and the machine facts replaced (no TensorRT)."""
     import polygraphy.backend.trt as pg_trt
 
-    import engines.tensorrt as module
+    import engines.runtime.tensorrt as module
 
     monkeypatch.setattr(pg_trt, "EngineBytesFromNetwork", _FakeBuilder)
     monkeypatch.setattr(module, "tensorrt_unavailable", lambda: None)
@@ -289,7 +299,7 @@ def fake_trt(monkeypatch):
 
 
 def test_build_engines_drives_polygraphy_and_writes_checkable_metadata(mini_export, tmp_path, fake_trt):
-    from engines.tensorrt import build_engines
+    from engines.runtime.tensorrt import build_engines
 
     export, manifest = mini_export
     settings = BuildSettings(max_seconds=5.0, opt_level=2, timing_cache=str(tmp_path / "timing.cache"))
@@ -317,7 +327,7 @@ def test_build_engines_drives_polygraphy_and_writes_checkable_metadata(mini_expo
 
 
 def test_a_failed_build_is_one_line_and_leaves_nothing(mini_export, tmp_path, fake_trt):
-    from engines.tensorrt import build_engines
+    from engines.runtime.tensorrt import build_engines
 
     export, _ = mini_export
     fake_trt.fail_on = "vae_decoder.onnx"
@@ -340,7 +350,7 @@ class _FakeRunner:
 
 
 def test_trt_dit_batches_cfg_like_the_onnx_runtime_dit():
-    from engines.backends import OrtDiT
+    from engines.runtime.backends import OrtDiT
 
     runner = _FakeRunner(2.0)
     dit = TrtDiT([runner])
@@ -396,7 +406,7 @@ TRT_SETTINGS = BuildSettings(min_seconds=0.5, opt_seconds=1.0, max_seconds=2.0, 
 
 @pytest.fixture(scope="module")
 def mini_engines(mini_export, tmp_path_factory):
-    from engines.tensorrt import build_engines
+    from engines.runtime.tensorrt import build_engines
 
     export, _ = mini_export
     out = tmp_path_factory.mktemp("trt") / "engines"
@@ -404,8 +414,8 @@ def mini_engines(mini_export, tmp_path_factory):
 
 
 def _ort_dit(export: Path):
-    from engines.backends import OrtDiT
-    from exporter.onnx_export import ort_session
+    from engines.runtime.backends import OrtDiT
+    from exporter.onnx.torch_export import ort_session
 
     return OrtDiT(ort_session(export / "dit.onnx"))
 
@@ -418,7 +428,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_trt_dit_matches_onnx_runtime(mini_export, mini_engines, cuda_graph):
-    from engines.tensorrt import EngineRunner, load_engine
+    from engines.runtime.tensorrt import EngineRunner, load_engine
 
     (export, _), (out, _) = mini_export, mini_engines
     trt_dit = TrtDiT([EngineRunner(load_engine(out / "dit.engine"), "dit", cuda_graph=cuda_graph)])
@@ -441,7 +451,7 @@ def test_trt_dit_matches_onnx_runtime(mini_export, mini_engines, cuda_graph):
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_bucket_engines_are_chosen_by_t(mini_export, tmp_path):
-    from engines.tensorrt import TrtBackend, build_engines
+    from engines.runtime.tensorrt import TrtBackend, build_engines
 
     export, _ = mini_export
     bucketed = tmp_path / "export"
@@ -469,7 +479,7 @@ def test_bucket_engines_are_chosen_by_t(mini_export, tmp_path):
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_tensorrt_pipeline_tracks_onnx_runtime(mini_export, mini_engines):
-    from engines.runtime import GenerateOptions, open_pipeline
+    from engines.runtime.pipeline import GenerateOptions, open_pipeline
 
     (export, _), (out, doc) = mini_export, mini_engines
     assert set(doc["engines"]) == {"dit", "text_encoder", "vae_decoder"}

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.serving import free_ports
-from engines.triton_repo import RepoOptions, bundled_server, validate_repository, write_repository
+from engines.serving.server import free_ports
+from engines.serving.triton_repo import RepoOptions, bundled_server, validate_repository, write_repository
 from exporter.errors import InputError
 
 
@@ -83,7 +83,7 @@ def test_python_form_of_the_repository_serves_in_the_bundled_tritonserver(mini_e
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    from engines.runtime import GenerateOptions, open_pipeline
+    from engines.runtime.pipeline import GenerateOptions, open_pipeline
 
     export, manifest = mini_export
     repo = tmp_path / "repo"

@@ -10,18 +10,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import RTN
 from onnx import TensorProto, numpy_helper
 
 from calibration.collector import BucketSpec
-from conftest import RTN
-from engines.accuracy import sqnr_db
-from exporter.layers import quantizable_linears
-from exporter.onnx_export import ort_session
-from exporter.precision_map import precision_map
-from exporter.quantize import LayerStats
-from exporter.quantized_export import Calibration, export_fp16_base, quantize_graph
-from exporter.recipe import Recipe
-from exporter.trt_check import check_graph
+from engines.evaluation.accuracy import sqnr_db
+from exporter.models.layers import quantizable_linears
+from exporter.onnx.torch_export import ort_session
+from exporter.passes.quantize import LayerStats
+from exporter.passes.recipe import Recipe
+from exporter.stages.quantized import Calibration, export_fp16_base, quantize_graph
+from exporter.tensorrt.checker import check_graph
+from exporter.tensorrt.precision_map import precision_map
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"w8a8": Recipe(scheme="w8a8", **RTN), "w4a16": Recipe(scheme="w4a16", block_size=64, **RTN)}
@@ -96,7 +96,7 @@ def test_fp32_based_quantized_graph_is_named_by_the_precision_map(mini, mini_exp
 def test_precision_map_types_agree_with_the_exporters_own_value_info(fp16_base):
     """The map infers types independently (ONNX type rules, ORT's symbolic shape inference); on the FP16
     export they must equal the types torch's exporter recorded."""
-    from exporter.precision_map import _infer
+    from exporter.tensorrt.precision_map import _infer
 
     model = onnx.load(str(fp16_base))
     recorded = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
@@ -145,8 +145,8 @@ def test_fp16_per_bucket_scale_equals_quantizing_with_that_buckets_scale(mini, f
 def test_smoothing_folds_through_the_fp16_layernorm_island_exactly(mini, fp16_base, mini_calibration, tmp_path):
     """LayerNorm (FP32) -> Cast FP16 -> MatMul: 1/s goes into FP32 copies of the LayerNorm's scale and bias, so
     the smoothed FP16 graph computes what the unsmoothed one does, to FP16 rounding."""
-    from exporter.onnx_layers import locate_linears
-    from exporter.smoothing import apply_smoothing
+    from exporter.onnx.linear_nodes import locate_linears
+    from exporter.passes.smoothing import apply_smoothing
 
     layers = list(quantizable_linears(mini.dit))
     model = onnx.load(str(fp16_base))
@@ -164,7 +164,7 @@ def test_smoothing_folds_through_the_fp16_layernorm_island_exactly(mini, fp16_ba
 
 
 def test_fp16_scales_never_underflow():
-    from exporter import qdq
+    from exporter.passes import qdq
 
     w = np.zeros((128, 4))
     w[:, 1] = 1e-9  # would be a 1e-38-floored or sub-FP16 scale
@@ -177,7 +177,7 @@ def test_fp16_scales_never_underflow():
 
 def test_precision_map_cli_prints_shares_and_fails_an_fp32_based_graph(quantized16, mini, mini_export,
                                                                        mini_calibration, tmp_path):
-    cli = [sys.executable, "-m", "exporter.trt_check", "--precision-map", "--latents", "256"]
+    cli = [sys.executable, "-m", "exporter.tensorrt.checker", "--precision-map", "--latents", "256"]
     ok = subprocess.run(cli + [str(quantized16["w8a8"][0])], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     assert "| weight GEMM | INT8 (FP16 out) |" in ok.stdout and "attention cores fusable 12/12" in ok.stdout
@@ -190,7 +190,7 @@ def test_precision_map_cli_prints_shares_and_fails_an_fp32_based_graph(quantized
 
 
 def test_speed_model_is_a_labelled_roofline(quantized16, fp16_base):
-    from exporter.speed_model import COMPUTE_EFFICIENCY, GPUS, predict, predict_all
+    from exporter.tensorrt.speed_model import COMPUTE_EFFICIENCY, GPUS, predict, predict_all
 
     maps = {"fp16": precision_map(onnx.load(str(fp16_base))), "w8a8": precision_map(quantized16["w8a8"][1])}
     out = predict_all(maps)
@@ -204,7 +204,7 @@ def test_speed_model_is_a_labelled_roofline(quantized16, fp16_base):
 
 
 def test_int4_block_is_decided_per_layer():
-    from exporter.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, int4_block
+    from exporter.passes.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, int4_block
 
     assert int4_block(1536, 1536, 128, TRT_INT4_BLOCKS) == 128
     assert int4_block(192, 384, 128, TRT_INT4_BLOCKS) == 64      # the 192-wide condition tokens of a short config

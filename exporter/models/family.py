@@ -5,7 +5,7 @@ family. A family says whether it handles a stable-audio-tools config, how its co
 (what the runtime feeds the graphs), which sampler it ships with (written to the manifest), which `t`
 its DiT receives over a run (calibration buckets), and runs its own sampler from the library that
 defines the model (never re-implemented here). Adding a family (a UNet family such as AudioLDM or
-TANGO) means one module beside `stable_audio.py` and one line in `FAMILIES`; the graph passes do not
+TANGO) means one module beside `stable_audio.py` and one line in `_families()`; the graph passes do not
 change.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Build a Stable Audio Open-family model with stable-audio-tools' own factory and load its weights.
 
 Weights come from a `WeightSource` (a stable-audio-tools checkpoint or a diffusers pipeline directory, given
-or found offline in the Hugging Face cache) or, only when asked with `synthetic=True`, from `exporter.synthetic`, which shapes seeded random weights so that a quantizer
+or found offline in the Hugging Face cache) or, only when asked with `synthetic=True`, from `exporter.models.synthetic`,
+which shapes seeded random weights so that a quantizer
 sees what it sees in a trained DiT. Random weights are never used silently.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from exporter.errors import InputError
 from exporter.models import presets
 from exporter.models.checkpoint import CKPT_NAMES, WeightSource, checkpoint_source, load_weights
 from exporter.models.family import family_of
-from exporter.t5 import T5Source, resolve_t5_source, t5_source
+from exporter.models.t5 import T5Source, resolve_t5_source, t5_source
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -167,7 +168,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     identity: dict[str, Any] = {"model": spec.model, "config_sha256": config_hash(config), "t5": t5.describe(),
                                 "t5_source": t5.to_json()}
     if spec.synthetic_weights:
-        from exporter.synthetic import shape_like_trained
+        from exporter.models.synthetic import shape_like_trained
 
         shape_like_trained(wrapper, seed=spec.seed)
         identity["weights"] = f"synthetic:{spec.seed}"

@@ -1,0 +1,102 @@
+"""`scripts/bench.py --predict`: the roofline PREDICTION of TensorRT FP16, w8a8 and w4a16 DiT engines per GPU.
+
+Nothing is timed. The TensorRT-target graphs are built as `scripts/export.py --target tensorrt` builds them
+(the FP16 DiT, quantized with FP16 scales), read by the precision map (what a strongly typed build runs each
+layer in, and its FLOPs and bytes at each latent length) and costed by exporter/tensorrt/speed_model.py. Without
+`--calibration` the graphs are quantized from flat statistics: types, shapes and the per-bucket scale ops do
+not depend on the calibrated values, so the prediction is the same.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.passes.recipe import ROUND_TO_NEAREST
+
+log = logging.getLogger("bench.predict")
+# The prediction reads only the graph's structure (precisions, shapes), which the weight and smoothing passes
+# do not change: weights are rounded to nearest, which needs no second moments and is quick at full size.
+RECIPES = {"w8a8": dict(scheme="w8a8", **ROUND_TO_NEAREST),
+           "w4a16": dict(scheme="w4a16", block_size=128, **ROUND_TO_NEAREST)}
+
+
+def flat_calibration(loaded, buckets: int = 4):
+    """Unit ranges for every quantizable layer over `buckets` equal-width timestep buckets."""
+    from exporter.models.layers import quantizable_linears
+    from exporter.passes.quantize import LayerStats
+    from exporter.stages.quantized import Calibration
+
+    stats = {n: LayerStats(np.ones((buckets, m.in_features), np.float32), np.ones(buckets, np.float32))
+             for n, m in quantizable_linears(loaded.dit).items()}
+    edges = tuple(float(e) for e in np.linspace(1.0, 0.0, buckets + 1))
+    return Calibration(Path("."), {"artifact_sha256": "flat"}, stats, edges)
+
+
+def _chart(doc: dict[str, Any], path: Path, length: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = doc["lengths"][str(length)]["gpus"]
+    gpus, cands = list(table), list(next(iter(table.values())))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(cands)
+    for i, c in enumerate(cands):
+        ax.bar([g + i * width for g in range(len(gpus))], [table[g][c]["total_ms"] for g in gpus], width, label=c)
+    ax.set_xticks([g + width * (len(cands) - 1) / 2 for g in range(len(gpus))], gpus)
+    ax.set_ylabel("ms per DiT call (CFG batch 2)")
+    ax.set_title(f"PREDICTION (roofline, not measured), {length} latents")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def predict_main(loaded, calibration, lengths: list[int], out: Path) -> dict[str, Any]:
+    import onnx
+
+    from exporter.models.layers import quantizable_linears
+    from exporter.onnx.artifacts import atomic_dir
+    from exporter.passes.recipe import Recipe
+    from exporter.stages.export import runtime_spec
+    from exporter.stages.quantized import export_fp16_base, quantize_graph
+    from exporter.tensorrt.precision_map import precision_map
+    from exporter.tensorrt.speed_model import markdown, predict_all
+
+    calibration = calibration or flat_calibration(loaded)
+    dims = runtime_spec(loaded)["dims"]
+    layers = list(quantizable_linears(loaded.dit))
+    with tempfile.TemporaryDirectory(prefix="quadit-predict-") as scratch:
+        base = Path(scratch) / "dit.fp16.onnx"
+        export_fp16_base(loaded, dims, base)
+        graphs = {"fp16": onnx.load(str(base), load_external_data=False)}
+        for name, fields in RECIPES.items():
+            log.info("quantizing the FP16 graph: %s", name)
+            graphs[name], _ = quantize_graph(base, layers, calibration, Recipe(**fields))
+        doc: dict[str, Any] = {"kind": "PREDICTION (roofline from the precision map; not a measurement)",
+                               "model": loaded.identity, "calibration": calibration.meta.get("artifact_sha256"),
+                               "recipes": RECIPES, "lengths": {}}
+        lines: list[str] = []
+        for length in lengths:
+            maps = {n: precision_map(g, latents=length) for n, g in graphs.items()}
+            pred = predict_all(maps)
+            pred["precision"] = {n: m.summary() for n, m in maps.items()}
+            doc["lengths"][str(length)] = pred
+            lines += [markdown(pred, length, 2), ""]
+    first = pred["precision"]
+    lines += ["FLOP share by precision (strongly typed TensorRT, from the precision map): " + "; ".join(
+        f"{n}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["flop_share"].items()) for n, s in first.items()), "",
+        "Published TensorRT figures to hold it against: " + "; ".join(f"{p['what']}: {p['speedup']}"
+                                                                    for p in pred["published"])]
+    with atomic_dir(Path(out)) as tmp:
+        (tmp / "predict.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (tmp / "predict.md").write_text("\n".join(lines) + "\n")
+        _chart(doc, tmp / "predict.png", lengths[-1])
+    print("\n".join(lines))
+    return doc

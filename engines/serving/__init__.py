@@ -1,0 +1,9 @@
+"""Serving `quadit_generate`: Triton (PyTriton) server, scheduler, batching, a Triton model repository.
+
+- `server.py`: request parsing and validation, the model binding, the serve loop that drains on SIGTERM;
+- `scheduler.py`, `batching.py`: admission, time limits and the batched sampler;
+- `triton_repo.py`, `triton_bls.py`, `triton_ort_model.py`: a model repository for a stock `tritonserver`;
+- `load_test.py`: the loopback load test (JSON + Markdown + PNG).
+
+May import: `engines.runtime`, `exporter`, `calibration`. Never `engines.evaluation` or `engines.cli`.
+"""

@@ -1,0 +1,26 @@
+"""The command-line form of a `ModelSpec`: the model arguments every quadit command takes, and the spec they name."""
+from __future__ import annotations
+
+import argparse
+
+from exporter.models.loader import ModelSpec
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="preset: sao-mini (default), stable-audio-open or stable-audio-open-small; with "
+                             "--model-config, the model's name in manifests (default 'custom')")
+    parser.add_argument("--model-config", help="a stable-audio-tools model_config.json of the SAO family")
+    parser.add_argument("--checkpoint", help="model.safetensors / model.ckpt (model_config.json beside it), a "
+                                             "snapshot directory or a diffusers StableAudioPipeline directory; "
+                                             "default: the Hugging Face cache, offline")
+    parser.add_argument("--t5", help="directory of a saved T5 encoder + tokenizer (default: HF cache, offline)")
+    parser.add_argument("--synthetic-weights", action="store_true",
+                        help="seeded synthetic weights shaped like a trained model (DiT, T5, VAE); never implicit")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights (default 0)")
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    name = args.model or ("custom" if args.model_config else "sao-mini")
+    return ModelSpec(model=name, model_config=args.model_config, checkpoint=args.checkpoint, t5=args.t5,
+                     synthetic_weights=args.synthetic_weights, seed=args.seed)

@@ -1,0 +1,127 @@
+"""A roofline PREDICTION of a TensorRT engine's DiT step from the graph's precision map (nothing here is timed).
+
+Each compute layer takes max(FLOPs / (peak of its precision x COMPUTE_EFFICIENCY), bytes / (memory
+bandwidth x MEMORY_EFFICIENCY)); the layers are summed, plus the memory traffic of the elementwise ops
+between them (residual adds, gates, RoPE, casts, quantizers), with connected elementwise ops fused into one
+kernel as TensorRT's pointwise fusion does (exporter/tensorrt/precision_map.py, `pointwise_bytes`). Launch overheads
+are left out (CUDA graphs hide most of them), so the figures are lower bounds for small models.
+
+Attention: where the precision map says an attention core is fusable (Q.K^T -> Softmax -> .V in one type,
+no Cast), it runs as TensorRT's fused MHA: FLOPs of the two batched MatMuls on FP16 tensor cores, bytes of
+Q, K, V and the output only (the score matrix never leaves the chip). INT8 attention is not fused beyond 512
+tokens (TensorRT developer guide, MHA fusion: INT8 needs sequence lengths <= 512 and head size 16/32/64),
+so INT8 BMMs at SAO's 1025 tokens are costed unfused, with the score matrix written and read.
+
+Peaks are NVIDIA's data-sheet figures without sparsity (the sheets print sparse figures with an asterisk;
+these are half of those):
+- H100 SXM5 and H200 SXM (same GH100 compute): FP16/BF16 989.4 TFLOPS, INT8 1978.9 TOPS, TF32 494.7 TFLOPS;
+  3.35 TB/s (H100, HBM3) and 4.8 TB/s (H200, HBM3e). NVIDIA H100 Tensor Core GPU datasheet; H200 datasheet.
+- L40S: FP16 362.05 TFLOPS, INT8 733 TOPS, TF32 183 TFLOPS, 864 GB/s. NVIDIA L40S datasheet.
+- RTX 4090: FP16 with FP32 accumulate 165.2 TFLOPS (330.3 with FP16 accumulate; TensorRT's FP16 GEMMs
+  accumulate in FP32 by default), INT8 660.6 TOPS, TF32 82.6 TFLOPS, 1008 GB/s. NVIDIA Ada GPU
+  architecture whitepaper, appendix table.
+INT4 weight-only GEMMs compute in FP16 (weights are expanded in the kernel), so they gain bandwidth, not
+math: at 1024 latents and CFG batch 2 the DiT's GEMMs are compute bound, and the model says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from exporter.tensorrt.precision_map import PrecisionMap
+
+COMPUTE_EFFICIENCY = 0.70   # share of the tensor-core peak a large TensorRT GEMM reaches
+MEMORY_EFFICIENCY = 0.80    # share of the data-sheet bandwidth a streaming kernel reaches
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    fp16_tflops: float
+    int8_tops: float
+    tf32_tflops: float
+    bandwidth_tbs: float
+    source: str
+
+    def peak(self, precision: str) -> float:
+        """Operations per second for a layer of this precision-map group."""
+        if precision.startswith("INT8"):
+            return self.int8_tops * 1e12
+        if precision.startswith("FP32"):
+            return self.tf32_tflops * 1e12
+        return self.fp16_tflops * 1e12  # FP16, BF16 and INT4 weight-only (FP16 compute)
+
+
+GPUS = {
+    "H100": Gpu("H100 SXM", 989.4, 1978.9, 494.7, 3.35, "NVIDIA H100 Tensor Core GPU datasheet (dense)"),
+    "H200": Gpu("H200 SXM", 989.4, 1978.9, 494.7, 4.8, "NVIDIA H200 Tensor Core GPU datasheet (dense)"),
+    "L40S": Gpu("L40S", 362.05, 733.0, 183.0, 0.864, "NVIDIA L40S datasheet (dense)"),
+    "RTX 4090": Gpu("RTX 4090", 165.2, 660.6, 82.6, 1.008, "NVIDIA Ada GPU architecture whitepaper (dense, FP32 accumulate)"),
+}
+# published TensorRT speedups of quantized over FP16 engines, to hold the model against
+PUBLISHED = [
+    {"what": "ModelOpt SDXL 1.0 INT8 vs FP16 (1024x1024, 30 steps, TensorRT 9.3)", "speedup": "1.20-1.43x",
+     "source": "NVIDIA TensorRT-Model-Optimizer examples/benchmark.md (RTX 4090 1.20x, L40S 1.25x, RTX 6000 Ada 1.43x)"},
+    {"what": "Stability stable-audio-3 TensorRT FP8 vs fp16mixed DiT forward", "speedup": "1.10-1.32x",
+     "source": "Stability-AI/stable-audio-3 PR #84 (H200, medium DiT, L=4096: 1.32x) and PR #89 (small DiTs: 1.10x)"},
+]
+
+
+def _layer_seconds(flops: float, nbytes: float, peak: float, gpu: Gpu) -> float:
+    return max(flops / (peak * COMPUTE_EFFICIENCY), nbytes / (gpu.bandwidth_tbs * 1e12 * MEMORY_EFFICIENCY))
+
+
+def predict(pmap: PrecisionMap, gpu: Gpu) -> dict[str, float]:
+    """Predicted milliseconds of one DiT call, split into GEMMs, attention, other compute and pointwise."""
+    parts = {"weight_gemms": 0.0, "attention": 0.0, "norms_convs": 0.0, "pointwise": 0.0}
+    fused = pmap.fusable_attention_cores == pmap.attention_cores and pmap.attention_cores > 0
+    attention = [x for x in pmap.layers if x.kind in ("attention MatMul", "Softmax")]
+    for x in pmap.layers:
+        if x.kind == "weight GEMM":
+            parts["weight_gemms"] += _layer_seconds(x.flops, x.bytes, gpu.peak(x.precision), gpu)
+        elif x.kind in ("LayerNorm", "Conv"):
+            parts["norms_convs"] += _layer_seconds(x.flops, x.bytes, gpu.peak(x.precision), gpu)
+    int8_attention = any(x.precision.startswith("INT8") for x in attention)
+    if fused and not int8_attention:
+        matmuls = [x for x in attention if x.kind == "attention MatMul"]
+        flops = sum(x.flops for x in matmuls)
+        # fused MHA: Q, K, V in and O out; the first BMM's inputs are Q and K, the second's V and O is its output
+        io = sum(pmap.attention_io_bytes.values()) if pmap.attention_io_bytes else sum(x.bytes for x in matmuls) / 2
+        parts["attention"] = _layer_seconds(flops, io, gpu.fp16_tflops * 1e12, gpu)
+    else:
+        for x in attention:
+            parts["attention"] += _layer_seconds(x.flops, x.bytes, gpu.peak(x.precision), gpu)
+    parts["pointwise"] = pmap.pointwise_bytes / (gpu.bandwidth_tbs * 1e12 * MEMORY_EFFICIENCY)
+    out = {k: v * 1e3 for k, v in parts.items()}
+    out["total_ms"] = sum(out.values())
+    return out
+
+
+def predict_all(pmaps: dict[str, PrecisionMap], gpus: tuple[str, ...] = tuple(GPUS), baseline: str = "fp16"
+                ) -> dict[str, Any]:
+    """{gpu: {candidate: {ms and parts, speedup vs baseline}}} for every candidate's precision map."""
+    table: dict[str, Any] = {}
+    for key in gpus:
+        gpu = GPUS[key]
+        rows = {name: predict(pmap, gpu) for name, pmap in pmaps.items()}
+        if baseline in rows:
+            for row in rows.values():
+                row["speedup_vs_fp16"] = rows[baseline]["total_ms"] / row["total_ms"]
+        table[key] = rows
+    return {"kind": "PREDICTION (roofline from the precision map; not a measurement)", "gpus": table,
+            "assumptions": {"compute_efficiency": COMPUTE_EFFICIENCY, "memory_efficiency": MEMORY_EFFICIENCY,
+                            "peaks": {k: vars(g) for k, g in GPUS.items() if k in gpus}},
+            "published": PUBLISHED}
+
+
+def markdown(prediction: dict[str, Any], latents: int, batch: int) -> str:
+    candidates = list(next(iter(prediction["gpus"].values())))
+    head = "| GPU | " + " | ".join(f"{c} ms" for c in candidates) + " | " + \
+        " | ".join(f"{c} vs fp16" for c in candidates if c != "fp16") + " |"
+    rows = [f"PREDICTION (roofline, not measured): DiT step at {latents} latents, CFG batch {batch}", "", head,
+            "|" + "---|" * (1 + 2 * len(candidates) - 1)]
+    for gpu, cands in prediction["gpus"].items():
+        rows.append(f"| {GPUS[gpu].name} | " + " | ".join(f"{cands[c]['total_ms']:.2f}" for c in candidates) + " | " +
+                    " | ".join(f"{cands[c].get('speedup_vs_fp16', float('nan')):.2f}x" for c in candidates if c != "fp16")
+                    + " |")
+    return "\n".join(rows)
