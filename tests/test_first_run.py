@@ -120,6 +120,19 @@ def test_error_raised_under_an_open_progress_bar_starts_its_own_line():
     assert "calibrate[stats]:  25%" in lines[-2] and "error" not in lines[-2]
 
 
+def test_generate_without_seconds_takes_a_duration_the_model_can_sample(mini_export, tmp_path):
+    """--seconds is optional: 10 s (the model card's demo length), or the model's window where shorter (the
+    short-window case: the slow first-run test below)."""
+    import soundfile as sf
+
+    export_dir, _ = mini_export
+    wav = tmp_path / "a.wav"
+    proc = _script("generate.py", "--export", str(export_dir), "--prompt", "rain", "--steps", "4", "--out", str(wav))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generating at 10.00 s of audio (default; --seconds sets it)" in proc.stderr
+    assert sf.info(str(wav)).frames == 10 * 44100
+
+
 # third-party noise -----------------------------------------------------------------------------------------
 
 def test_default_generate_prints_no_third_party_warnings_and_v_shows_them(mini_export, tmp_path):
@@ -251,9 +264,9 @@ def test_short_window_w8a8_export_with_report_then_check_and_generate_with_defau
     comparison = json.loads((out / "check_report.json").read_text())["comparisons"][0]
     assert comparison["providers"] == ["CPUExecutionProvider"] and comparison["device"] == "cpu"
     wav = tmp_path / "a.wav"
-    gen = _script("generate.py", "--export", str(out), "--prompt", "a bell", "--seconds", "2.97", "--steps", "8",
-                  "--out", str(wav))
+    gen = _script("generate.py", "--export", str(out), "--prompt", "a bell", "--steps", "8", "--out", str(wav))
     assert gen.returncode == 0, gen.stderr[-3000:]
+    assert "generating at 2.97 s of audio: this model's window" in gen.stderr
     import soundfile as sf
 
     assert sf.info(str(wav)).frames == round(2.97 * 44100)

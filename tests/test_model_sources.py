@@ -150,6 +150,26 @@ def test_tokenizer_smaller_than_the_encoder_vocabulary_is_refused(tiny, tmp_path
         build(tiny_config(), resolve_t5_source(str(d), False, 0), 0)
 
 
+def test_an_encoder_with_few_token_ids_exports_with_parity(tmp_path):
+    """The text encoder's example and parity ids are drawn within the ids the encoder embeds (here 259
+    rows: ByT5's 3 specials and 256 bytes, fewer than its tokenizer's 384 and than the usual 3..300)."""
+    import copy
+
+    from transformers import T5EncoderModel
+
+    from exporter.stages.export import ExportOptions, export_model, token_id_range
+
+    tiny = load_model(ModelSpec(model="custom", config=tiny_config(), synthetic_weights=True, seed=3))  # its own
+    config = copy.deepcopy(tiny.t5_conditioner.model.config)
+    config.vocab_size = 259
+    small = T5EncoderModel(config).eval()
+    tiny.t5_conditioner.__dict__["model"] = small  # the conditioner keeps its encoder outside its state dict
+    assert tiny.t5_conditioner.model is small
+    assert token_id_range(tiny.t5_conditioner) == (3, 259)
+    manifest = export_model(tiny, tmp_path / "export", ExportOptions(scheme="fp32"))
+    assert manifest["graphs"]["text_encoder"]["parity"]["max_rel_error"] <= 1e-4
+
+
 def test_cli_t5_without_tokenizer_exits_2_and_leaves_nothing(tiny, tmp_path):
     work = tmp_path / "work"
     ckpt = work / "ckpt"

@@ -9,6 +9,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,8 +129,7 @@ def test_soak_with_faults_loses_nothing_and_memory_stays_flat(mini_export, refer
     out = os.environ.get("QUADIT_SOAK_REPORT")
     if out:  # the figures of the closing note / docs/serving.md
         report.write(out)
-        with open(out + ".md", "w") as f:
-            f.write(markdown(summary))
+        Path(out).with_suffix(".md").write_text(markdown(summary))
     print(json.dumps(summary))
     assert summary["requests"] == 200 and summary["lost"] == 0, summary
     assert summary["mismatched"] == 0, [o for o in report.outcomes if o.result == "mismatch"]

@@ -11,13 +11,15 @@ from engines.cli.common import run
 from engines.runtime.logs import setup_logging
 
 log = logging.getLogger("generate")
+DEFAULT_SECONDS = 10.0  # what Stable Audio Open's model card demo generates; capped at the model's window
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quadit generate", description=__doc__)
     parser.add_argument("--export", required=True, help="export directory written by scripts/export.py")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--seconds", type=float, required=True, help="duration of the audio")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help=f"duration of the audio (default: {DEFAULT_SECONDS:g} s, or the model's window if shorter)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: model card, 100)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default 7)")
     parser.add_argument("--seed", type=int, default=0)
@@ -52,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         check_torch_device(args.device)
     pipeline = open_pipeline(Path(args.export), args.backend, Path(args.engines) if args.engines else None,
                              device=args.device)
+    from engines.runtime.durations import pick_seconds
+
     defaults = pipeline.manifest["sampler_defaults"]
-    opts = GenerateOptions(prompt=args.prompt, seconds=args.seconds, seed=args.seed,
+    seconds = pick_seconds("--seconds", args.seconds, DEFAULT_SECONDS, pipeline.manifest["model_config"], "generating")
+    opts = GenerateOptions(prompt=args.prompt, seconds=seconds, seed=args.seed,
                            steps=args.steps if args.steps is not None else defaults["steps"],
                            cfg_scale=args.cfg_scale if args.cfg_scale is not None else defaults["cfg_scale"],
                            sampler_type=defaults["sampler_type"], sigma_min=defaults["sigma_min"],
