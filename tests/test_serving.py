@@ -20,6 +20,7 @@ from conftest import Server
 
 from engines.runtime.pipeline import GenerateOptions, open_pipeline
 from engines.serving.batching import GuidedBatchDiT, generate_batch, split_rows
+from engines.serving.client import infer_inputs
 from engines.serving.scheduler import GenerateScheduler, RequestTimeout, SchedulerConfig, ServiceClosed
 from engines.serving.server import MODEL_NAME, RequestError, parse_request, prepare_python_backend_env
 
@@ -150,16 +151,8 @@ def server(mini_export, tmp_path_factory):
 
 
 def _inputs(module, prompt: str, seconds: float, steps: int, cfg: float, seed: int, seconds_dtype="FP32"):
-    values = [("prompt", "BYTES", np.array([[prompt.encode()]], dtype=object)),
-              ("seconds", seconds_dtype, np.array([[seconds]], np.float32 if seconds_dtype == "FP32" else np.int32)),
-              ("steps", "INT32", np.array([[steps]], np.int32)), ("cfg_scale", "FP32", np.array([[cfg]], np.float32)),
-              ("seed", "INT64", np.array([[seed]], np.int64))]
-    out = []
-    for name, dtype, value in values:
-        tensor = module.InferInput(name, list(value.shape), dtype)
-        tensor.set_data_from_numpy(value)
-        out.append(tensor)
-    return out
+    replace = {} if seconds_dtype == "FP32" else {"seconds": (seconds_dtype, np.array([[seconds]], np.int32))}
+    return infer_inputs(module, prompt, seconds, steps, cfg, seed, replace)
 
 
 def test_concurrent_requests_are_batched_and_equal_sequential_runs(server, pipeline):

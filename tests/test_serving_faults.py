@@ -16,22 +16,11 @@ import pytest
 from conftest import Server
 
 from engines.runtime.pipeline import GenerateOptions, open_pipeline
+from engines.serving.client import infer_inputs
 from engines.serving.server import MODEL_NAME
 
 SLOW_STEPS = 40  # about 1-2 s of sampling for 1 s of sao-mini audio on 2 cores
 LIMIT_S = 4.0
-
-
-def _inputs(module, prompt: str, seconds: float, steps: int, cfg: float, seed: int):
-    values = [("prompt", "BYTES", np.array([[prompt.encode()]], dtype=object)),
-              ("seconds", "FP32", np.array([[seconds]], np.float32)), ("steps", "INT32", np.array([[steps]], np.int32)),
-              ("cfg_scale", "FP32", np.array([[cfg]], np.float32)), ("seed", "INT64", np.array([[seed]], np.int64))]
-    out = []
-    for name, dtype, value in values:
-        tensor = module.InferInput(name, list(value.shape), dtype)
-        tensor.set_data_from_numpy(value)
-        out.append(tensor)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,7 @@ def limited(mini_export, tmp_path_factory):
             if srv.status("/v2/health/ready") == 200:
                 client = httpclient.InferenceServerClient(f"127.0.0.1:{srv.http}", network_timeout=120)
                 try:
-                    first["audio"] = client.infer(MODEL_NAME, _inputs(httpclient, "first", 0.5, 2, 7.0, 1)).as_numpy("audio")
+                    first["audio"] = client.infer(MODEL_NAME, infer_inputs(httpclient, "first", 0.5, 2, 7.0, 1)).as_numpy("audio")
                 except Exception as exc:  # noqa: BLE001 - asserted in the test
                     first["error"] = str(exc)
                 break
@@ -82,7 +71,7 @@ def test_time_limit_counts_from_arrival_under_a_burst(limited):
         client = httpclient.InferenceServerClient(f"127.0.0.1:{srv.http}", network_timeout=120)
         t0 = time.monotonic()
         try:
-            client.infer(MODEL_NAME, _inputs(httpclient, f"burst {i}", 1.0, SLOW_STEPS, 7.0, i))
+            client.infer(MODEL_NAME, infer_inputs(httpclient, f"burst {i}", 1.0, SLOW_STEPS, 7.0, i))
             answers[i] = ("audio", time.monotonic() - t0, "")
         except Exception as exc:  # noqa: BLE001 - recorded and asserted below
             answers[i] = ("error", time.monotonic() - t0, str(exc))

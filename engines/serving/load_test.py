@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from engines.runtime.logs import setup_logging
+from engines.serving.client import infer_inputs
 
 log = logging.getLogger("load_test")
 MODEL = "quadit_generate"
@@ -57,20 +58,6 @@ def _client(protocol: str, target: str):
     return module, module.InferenceServerClient(target)
 
 
-def _inputs(module, prompt: str, seconds: float, steps: int, cfg: float, seed: int):
-    import numpy as np
-
-    values = [("prompt", "BYTES", np.array([[prompt.encode()]], dtype=object)),
-              ("seconds", "FP32", np.array([[seconds]], np.float32)), ("steps", "INT32", np.array([[steps]], np.int32)),
-              ("cfg_scale", "FP32", np.array([[cfg]], np.float32)), ("seed", "INT64", np.array([[seed]], np.int64))]
-    out = []
-    for name, dtype, value in values:
-        t = module.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        out.append(t)
-    return out
-
-
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -97,7 +84,7 @@ def run_row(protocol: str, target: str, clients: int, requests: int, seconds: fl
                     if i >= requests or time.monotonic() > deadline:
                         return
                     next_index[0] += 1
-                inputs = _inputs(module, PROMPTS[i % len(PROMPTS)], seconds, steps, cfg, 1000 + i)
+                inputs = infer_inputs(module, PROMPTS[i % len(PROMPTS)], seconds, steps, cfg, 1000 + i)
                 t0 = time.perf_counter()
                 try:
                     result = client.infer(MODEL, inputs)

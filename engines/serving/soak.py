@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-MODEL = "quadit_generate"
+from engines.serving.client import MODEL, infer_inputs
+
 KINDS = ("http", "grpc", "bad", "hangup", "impatient")
 
 
@@ -183,21 +184,12 @@ def reason(exc: Exception) -> str:
 
 
 def _tensors(module: Any, v: Variant, broken: str | None = None) -> list[Any]:
-    values = [("prompt", "BYTES", np.array([[(v.prompt if broken != "empty" else "").encode()]], dtype=object)),
-              ("seconds", "FP32", np.array([[v.seconds if broken != "long" else 999.0]], np.float32)),
-              ("steps", "INT32", np.array([[v.steps]], np.int32)),
-              ("cfg_scale", "FP32", np.array([[v.cfg_scale]], np.float32)),
-              ("seed", "INT64", np.array([[v.seed]], np.int64))]
-    if broken == "dtype":
-        values[4] = ("seed", "FP32", np.array([[1.5]], np.float32))
-    if broken == "missing":
-        values = values[:3]
-    out = []
-    for name, dtype, value in values:
-        t = module.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        out.append(t)
-    return out
+    """The request of `v`, or a malformed form of it (`broken`: empty, long, dtype or missing)."""
+    replace = {"empty": {"prompt": ("BYTES", np.array([[b""]], dtype=object))},
+               "long": {"seconds": ("FP32", np.array([[999.0]], np.float32))},
+               "dtype": {"seed": ("FP32", np.array([[1.5]], np.float32))}}.get(broken or "", {})
+    drop = ("cfg_scale", "seed") if broken == "missing" else ()
+    return infer_inputs(module, v.prompt, v.seconds, v.steps, v.cfg_scale, v.seed, replace, drop)
 
 
 def _hang_up(host: str, port: int, v: Variant) -> None:
