@@ -112,6 +112,7 @@ def test_quantized_export_generates_audio(w8a8_export, tmp_path):
     (["--scheme", "w9a9"], "unknown scheme"),
     (["--scheme", "w8a8", "--bucket-policy", "per-layer"], "unknown bucket policy"),
     (["--scheme", "w4a16", "--target", "tensorrt", "--block-size", "32"], "block sizes 64 or 128"),
+    (["--scheme", "fp8"], "fp8 needs --target tensorrt"),
 ])
 def test_unsupported_combinations_exit_2_before_any_work(tmp_path, flags, needle):
     out = tmp_path / "x"

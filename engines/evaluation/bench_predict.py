@@ -1,4 +1,4 @@
-"""`scripts/bench.py --predict`: the roofline PREDICTION of TensorRT FP16, w8a8 and w4a16 DiT engines per GPU.
+"""`scripts/bench.py --predict`: the roofline PREDICTION of TensorRT FP16, w8a8, fp8 and w4a16 DiT engines per GPU.
 
 Nothing is timed. The TensorRT-target graphs are built as `scripts/export.py --target tensorrt` builds them
 (the FP16 DiT, quantized with FP16 scales), read by the precision map (what a strongly typed build runs each
@@ -22,6 +22,7 @@ log = logging.getLogger("bench.predict")
 # The prediction reads only the graph's structure (precisions, shapes), which the weight and smoothing passes
 # do not change: weights are rounded to nearest, which needs no second moments and is quick at full size.
 RECIPES = {"w8a8": dict(scheme="w8a8", **ROUND_TO_NEAREST),
+           "fp8": dict(scheme="fp8", **ROUND_TO_NEAREST),
            "w4a16": dict(scheme="w4a16", block_size=128, **ROUND_TO_NEAREST)}
 
 

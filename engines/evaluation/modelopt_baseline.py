@@ -26,7 +26,8 @@ from exporter.errors import InputError
 log = logging.getLogger(__name__)
 
 # quadit scheme -> name of the ModelOpt preset in `modelopt.torch.quantization` it is compared against.
-MODELOPT_CONFIGS = {"w8a8": "INT8_SMOOTHQUANT_CFG", "w4a16": "INT4_AWQ_CFG", "w4a8": "W4A8_AWQ_BETA_CFG"}
+MODELOPT_CONFIGS = {"w8a8": "INT8_SMOOTHQUANT_CFG", "w4a16": "INT4_AWQ_CFG", "w4a8": "W4A8_AWQ_BETA_CFG",
+                    "fp8": "FP8_DEFAULT_CFG"}
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 

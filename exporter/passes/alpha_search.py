@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.passes.qdq import fake_quantize_weight
+from exporter.passes.qdq import FP8_MAX, fake_quantize_fp8, fake_quantize_weight, fp8_scale
 from exporter.passes.smoothing import smoothing_factors
 
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(19))  # 0.00 (all range to the activations) .. 0.90
@@ -59,16 +59,19 @@ def _fake_act(x: np.ndarray, scale: float) -> np.ndarray:
 
 def loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarray, per_bucket_scale: bool,
          weight_bits: int, block: int, quantize_activations: bool, ref: list[np.ndarray] | None = None,
-         ref_power: list[float] | None = None) -> float:
+         ref_power: list[float] | None = None, fp8: bool = False) -> float:
     """Measured relative output error of the smoothed, quantized Linear(s) on calibration rows, averaged
     over buckets: sum_k ||X_k W - Q(X_k / s) Q(s W)||^2 / ||X_k W||^2. Activations are quantized per
     tensor with the bucket's calibrated range (per-bucket scales) or the overall one, as deployed;
     weights round to nearest (the search ranks smoothing strengths; GPTQ runs afterwards). The products
     run in float32 (the errors measured are 1e-1..1e-4 of the signal, far above its rounding); `ref`, the
-    float outputs per bucket, and `ref_power`, their squared norms, can be passed in once for all strengths."""
+    float outputs per bucket, and `ref_power`, their squared norms, can be passed in once for all strengths.
+    `fp8`: weights and activations in E4M3 with per-tensor scales (the fp8 scheme) instead of integers."""
     x = np.asarray(rows, np.float32)                              # [K, R, C]
     w = np.asarray(w_kn, np.float64)
-    wq = fake_quantize_weight(w * s[:, None], weight_bits, block).astype(np.float32)
+    ws = w * s[:, None]
+    wq = (fake_quantize_fp8(ws, float(fp8_scale(np.abs(ws).max()))) if fp8
+          else fake_quantize_weight(ws, weight_bits, block)).astype(np.float32)
     ranges = (np.asarray(ch_absmax, np.float64) / s[None, :]).max(axis=1)   # [K]
     if not per_bucket_scale:
         ranges = np.full_like(ranges, ranges.max())
@@ -78,7 +81,11 @@ def loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarra
     total = 0.0
     for k in range(x.shape[0]):
         xs = x[k] * inv
-        xq = _fake_act(xs, max(float(ranges[k]), 1e-12) / 127).astype(np.float32) if quantize_activations else xs
+        r = max(float(ranges[k]), 1e-12)
+        if quantize_activations:
+            xq = (fake_quantize_fp8(xs, r / FP8_MAX) if fp8 else _fake_act(xs, r / 127)).astype(np.float32)
+        else:
+            xq = xs
         diff = ref[k] - xq @ wq
         total += float(np.square(diff, dtype=np.float64).sum() / max(ref_power[k], 1e-300))
     return total / x.shape[0]
@@ -89,7 +96,8 @@ def _powers(ref: list[np.ndarray]) -> list[float]:
 
 
 def best_alpha_loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, per_bucket_scale: bool,
-                    weight_bits: int, block: int, quantize_activations: bool) -> tuple[float, dict[float, float]]:
+                    weight_bits: int, block: int, quantize_activations: bool, fp8: bool = False
+                    ) -> tuple[float, dict[float, float]]:
     """(alpha, {alpha: measured error}) by `loss` over the same grid and factors as `best_alpha` (AWQ's
     search, on the artifact's reservoir of input rows instead of a noise model)."""
     a_max = np.asarray(ch_absmax, np.float64).max(axis=0)
@@ -98,5 +106,6 @@ def best_alpha_loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, p
     ref = [x[k] @ w32 for k in range(x.shape[0])]
     power = _powers(ref)
     costs = {alpha: loss(x, ch_absmax, w_kn, smoothing_factors(a_max, w_max, alpha).astype(np.float64),
-                         per_bucket_scale, weight_bits, block, quantize_activations, ref, power) for alpha in ALPHAS}
+                         per_bucket_scale, weight_bits, block, quantize_activations, ref, power, fp8)
+             for alpha in ALPHAS}
     return min(costs, key=costs.get), costs

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.passes.qdq import fake_quantize_weight
+from exporter.passes.qdq import fake_quantize_fp8, fake_quantize_weight, fp8_scale
 
 
 def _top_singular(w: np.ndarray, rank: int, oversample: int = 16, iterations: int = 4
@@ -42,12 +42,15 @@ def svd_split(w_kn: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.n
     return l1, l2, w - l1 @ l2
 
 
-def branch_weight_error(l1: np.ndarray, l2: np.ndarray, residual: np.ndarray, bits: int, block: int) -> dict[str, float]:
+def branch_weight_error(l1: np.ndarray, l2: np.ndarray, residual: np.ndarray, bits: int, block: int,
+                        fp8: bool = False) -> dict[str, float]:
     """Relative Frobenius error of the deployed weight with and without the branch (FP16 factors,
     quantized residual): the figure the manifest records per layer."""
+    def fake(x: np.ndarray) -> np.ndarray:
+        return fake_quantize_fp8(x, float(fp8_scale(np.abs(x).max()))) if fp8 else fake_quantize_weight(x, bits, block)
+
     w = l1 @ l2 + residual
     norm = np.linalg.norm(w)
-    plain = np.linalg.norm(w - fake_quantize_weight(w, bits, block)) / norm
-    deployed = l1.astype(np.float16).astype(np.float64) @ l2.astype(np.float16).astype(np.float64) \
-        + fake_quantize_weight(residual, bits, block)
+    plain = np.linalg.norm(w - fake(w)) / norm
+    deployed = l1.astype(np.float16).astype(np.float64) @ l2.astype(np.float16).astype(np.float64) + fake(residual)
     return {"weight_rel_error_plain": float(plain), "weight_rel_error_lowrank": float(np.linalg.norm(w - deployed) / norm)}

@@ -1,5 +1,5 @@
 """Quantization arithmetic and the ONNX constants it becomes: symmetric INT8 per output channel, INT4
-block-wise along K, and the packed layout of ONNX Runtime's MatMulNBits.
+block-wise along K, FP8 E4M3 per tensor, and the packed layout of ONNX Runtime's MatMulNBits.
 
 Everything is symmetric with no zero point other than zero (TensorRT accepts nothing else, and
 symmetric weights let ORT's MLAS use its signed kernels). Scales are stored in the type the DequantizeLinear
@@ -18,6 +18,10 @@ from onnx import TensorProto, numpy_helper
 
 TINY = np.float32(np.finfo(np.float32).tiny)
 QMAX = {8: 127, 4: 7}
+# E4M3FN's largest finite value. TensorRT quantizes FP8 as castToFp8(clip(x / s, -448, 448)), rounding to the
+# nearest E4M3 value with ties to even (TensorRT developer guide, "Quantization Schemes"); ONNX's
+# QuantizeLinear with a float8e4m3fn zero point and saturate=1 (the default) computes the same.
+FP8_MAX = 448.0
 
 
 def positive_scale(value: np.ndarray | float, dtype: type = np.float32) -> np.ndarray:
@@ -104,6 +108,39 @@ def matmulnbits_pack(q_kn: np.ndarray, scale: np.ndarray, bits: int) -> tuple[np
     if bits == 4:
         codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     return np.ascontiguousarray(codes), np.ascontiguousarray(np.asarray(scale, np.float32).T)
+
+
+def to_fp8(x: np.ndarray) -> np.ndarray:
+    """`x` (already divided by its scale) as E4M3FN codes (ml_dtypes' float8_e4m3fn, round to nearest even),
+    saturated at +-448 as TensorRT's and ONNX's quantizers saturate (a plain cast would give NaN)."""
+    import ml_dtypes
+
+    return np.clip(np.asarray(x, np.float32), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def fp8_scale(absmax: np.ndarray | float, dtype: type = np.float32) -> np.ndarray:
+    """The per-tensor FP8 scale that maps `absmax` to 448, positive in `dtype`."""
+    return positive_scale(np.maximum(np.asarray(absmax, np.float64) / FP8_MAX, float(TINY)), dtype)
+
+
+def quantize_fp8_per_tensor(w_kn: np.ndarray, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] -> (E4M3FN codes [K, N], scalar scale in `dtype`). Per tensor, as NVIDIA's own FP8 recipe
+    (ModelOpt's FP8_DEFAULT_CFG: weight and input quantizers with `axis: None`) exports for TensorRT; FP8's
+    exponent already spans the 40-80x outlier channels that INT8 needs per-channel scales for."""
+    scale = fp8_scale(np.abs(w_kn).max(), dtype)
+    return to_fp8(np.asarray(w_kn, np.float64) / float(scale)), scale
+
+
+def fake_quantize_fp8(x: np.ndarray, scale: float) -> np.ndarray:
+    """Q then DQ in FP8 with a per-tensor scale (float64 result), for error measurements and searches."""
+    return to_fp8(np.asarray(x, np.float64) / scale).astype(np.float64) * float(scale)
+
+
+def fp8_initializer(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """A FLOAT8E4M3FN tensor from E4M3FN codes (one byte each, ONNX's raw layout)."""
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT8E4M3FN, dims=list(codes.shape))
+    tensor.raw_data = np.ascontiguousarray(codes).view(np.uint8).tobytes()
+    return tensor
 
 
 def constant(array: np.ndarray | float | int, name: str, dtype: type = np.float32) -> onnx.TensorProto:

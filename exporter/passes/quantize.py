@@ -45,7 +45,7 @@ from exporter.onnx.linear_nodes import LinearSite
 from exporter.passes import names, qdq
 from exporter.passes.gptq import WeightQuant, quantize_weight
 from exporter.passes.lowrank import branch_weight_error, svd_split
-from exporter.passes.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, Recipe, int4_block
+from exporter.passes.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, WEIGHT_BITS, Recipe, int4_block
 from exporter.passes.scale_fold import fold_smoothing_muls
 from exporter.passes.smoothing import apply_smoothing
 
@@ -104,13 +104,15 @@ def _alphas(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats: Mapp
         w_kn = np.concatenate([weight_out_in(model, sites[m]).T for m in members], axis=1)
         settings = active[members[0]]
         per_bucket_scale = recipe.bucket_policy == "per-bucket-scale" and bucket is None
-        bits, quant_act = 8 if settings["scheme"] == "w8a8" else 4, settings["scheme"] != "w4a16"
+        bits, quant_act = WEIGHT_BITS[settings["scheme"]], settings["scheme"] != "w4a16"
+        fp8 = settings["scheme"] == "fp8"
         rows = stats[members[0]].rows
         if recipe.alpha_search == "loss" and rows is not None:
             from exporter.passes.alpha_search import best_alpha_loss
 
             rows = rows[bucket:bucket + 1] if bucket is not None else rows
-            alpha, _ = best_alpha_loss(rows, ch, w_kn, per_bucket_scale, bits, int(settings["block_size"]), quant_act)
+            alpha, _ = best_alpha_loss(rows, ch, w_kn, per_bucket_scale, bits, int(settings["block_size"]), quant_act,
+                                       fp8)
         else:
             if recipe.alpha_search == "loss":
                 _warn_once("alpha_search 'loss' needs the artifact's input rows (calibrate with this quadit); "
@@ -200,10 +202,12 @@ def _gathered(model: onnx.ModelProto, tensor: str, part: str, table: np.ndarray,
     return names.act(tensor, part)
 
 
-def _static_qdq(model: onnx.ModelProto, tensor: str, scale: float, dtype: type = np.float32) -> str:
+def _static_qdq(model: onnx.ModelProto, tensor: str, scale: float, dtype: type = np.float32, fp8: bool = False) -> str:
+    """Per-tensor Q -> DQ of an activation: INT8, or E4M3 (`fp8`: its zero point's type says so)."""
     g = model.graph
-    g.initializer.extend([qdq.constant(qdq.positive_scale(scale, dtype), names.act(tensor, "scale"), dtype),
-                          qdq.constant(np.int8(0), names.act(tensor, "zero_point"), np.int8)])
+    zero = (qdq.fp8_initializer(names.act(tensor, "zero_point"), qdq.to_fp8(np.zeros(())))
+            if fp8 else qdq.constant(np.int8(0), names.act(tensor, "zero_point"), np.int8))
+    g.initializer.extend([qdq.constant(qdq.positive_scale(scale, dtype), names.act(tensor, "scale"), dtype), zero])
     q_in = [tensor, names.act(tensor, "scale"), names.act(tensor, "zero_point")]
     g.node.extend([helper.make_node("QuantizeLinear", q_in, [names.act(tensor, "q")], name=names.node(tensor, "act_q")),
                    helper.make_node("DequantizeLinear", [names.act(tensor, "q")] + q_in[1:], [names.act(tensor, "dq")],
@@ -212,12 +216,17 @@ def _static_qdq(model: onnx.ModelProto, tensor: str, scale: float, dtype: type =
 
 
 def _weight_dq(model: onnx.ModelProto, layer: str, w_kn: np.ndarray, bits: int, block: int,
-               dtype: type = np.float32, how: WeightQuant = WeightQuant(), hessian: np.ndarray | None = None
-               ) -> tuple[str, np.ndarray]:
+               dtype: type = np.float32, how: WeightQuant = WeightQuant(), hessian: np.ndarray | None = None,
+               fp8: bool = False) -> tuple[str, np.ndarray]:
     """Weight DQ with its scale in `dtype`: the DQ outputs `dtype` straight into the MatMul's weight input
-    (TensorRT's INT4 weight-only GEMM needs exactly that: an FP16 DQ output feeding the MatMul)."""
+    (TensorRT's INT4 weight-only GEMM needs exactly that: an FP16 DQ output feeding the MatMul). `fp8`: E4M3
+    codes with one scale per tensor, rounded to nearest (GPTQ's error feedback works on integer grids)."""
     g = model.graph
-    if bits == 8:
+    if fp8:
+        q, scale = qdq.quantize_fp8_per_tensor(w_kn, dtype)
+        g.initializer.append(qdq.fp8_initializer(names.weight_q(layer), q))
+        attrs = {}
+    elif bits == 8:
         q, scale = quantize_weight(w_kn, 8, None, dtype, how, hessian)
         g.initializer.append(numpy_helper.from_array(q, names.weight_q(layer)))
         attrs = {"axis": 1}
@@ -306,7 +315,7 @@ def int4_plan(shapes: Mapping[str, tuple[int, int]], settings: Mapping[str, dict
     (kept in float); each change is logged once, so a user sees it before the quantized graph exists."""
     plan: dict[str, int | None] = {}
     for name, s in settings.items():
-        if s is None or s["scheme"] == "w8a8":
+        if s is None or WEIGHT_BITS[s["scheme"]] == 8:
             continue
         k, n = shapes[name]
         block = int4_block(k, n, int(s["block_size"]), allowed)
@@ -362,7 +371,8 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
         node = graph_edit.node_by_name(model, sites[name].node)
         groups[node.input[0]].append(name)
     k_buckets = len(edges) - 1
-    for tensor, members in tqdm(groups.items(), desc=f"quantize[{recipe.weight_rounding}]", unit="tensor",
+    rounding = "nearest" if recipe.scheme == "fp8" else recipe.weight_rounding
+    for tensor, members in tqdm(groups.items(), desc=f"quantize[{rounding}]", unit="tensor",
                                 leave=False):
         kinds = {(active[m]["scheme"], active[m]["activations"]) for m in members}
         if len(kinds) > 1:
@@ -375,16 +385,18 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                              for m in members], axis=0)
         per_bucket = np.maximum(per_bucket, 1e-8)
         static = scheme != "w4a16" and activations == "static"
+        fp8 = scheme == "fp8"
+        qmax = qdq.FP8_MAX if fp8 else 127
         clip_info: dict[str, Any] = {}
-        if static and recipe.act_clip == "mse":
+        if static and recipe.act_clip == "mse" and not fp8:
             shared = bucket is None and not (recipe.bucket_policy == "per-bucket-scale" and k_buckets > 1)
             ratios, clip_info = _act_clip(stats, members, factors, model, sites, per_bucket, shared, bucket)
             per_bucket = per_bucket * ratios
         x_q, inverse, act_scales = tensor, None, None
         if static:
             if bucket is not None:
-                act_scales = [float(per_bucket[bucket]) / 127]
-                x_q = _static_qdq(model, tensor, act_scales[0], ftype)
+                act_scales = [float(per_bucket[bucket]) / qmax]
+                x_q = _static_qdq(model, tensor, act_scales[0], ftype, fp8)
             elif recipe.bucket_policy == "per-bucket-scale" and k_buckets > 1:
                 index = _bucket_index(model, edges)
                 shared = float(per_bucket.min())
@@ -394,27 +406,29 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                 inverse = _gathered(model, tensor, "postscale", post_table, index)
                 model.graph.node.append(helper.make_node("Mul", [tensor, pre], [names.act(tensor, "prescaled")],
                                                          name=names.node(tensor, "prescale_mul")))
-                x_q = _static_qdq(model, names.act(tensor, "prescaled"), shared / 127, ftype)
-                q_scale = float(qdq.positive_scale(shared / 127, ftype))
+                x_q = _static_qdq(model, names.act(tensor, "prescaled"), shared / qmax, ftype, fp8)
+                q_scale = float(qdq.positive_scale(shared / qmax, ftype))
                 act_scales = [q_scale / float(p) for p in pre_table]
             else:
-                act_scales = [float(per_bucket.max()) / 127]
-                x_q = _static_qdq(model, tensor, act_scales[0], ftype)
+                act_scales = [float(per_bucket.max()) / qmax]
+                x_q = _static_qdq(model, tensor, act_scales[0], ftype, fp8)
         for layer in members:
             settings = active[layer]
             node = graph_edit.node_by_name(model, sites[layer].node)
             w_kn = _weight_in_out(model, node, layer)
-            bits, block, rank = (8 if settings["scheme"] == "w8a8" else 4), int(settings["block_size"]), int(settings["lowrank"])
+            bits, block, rank = WEIGHT_BITS[settings["scheme"]], int(settings["block_size"]), int(settings["lowrank"])
             rec = record.setdefault(layer, {"smoothed": False})
             rec.update({"quantized": True, "scheme": scheme, "activations": activations if scheme != "w4a16" else "none",
                         "weight_bits": bits, "block_size": block if bits == 4 else None, "rank": rank,
+                        "weight_format": "fp8-e4m3 per tensor" if fp8 else f"int{bits}",
                         "act_scales": act_scales, "act_range_per_bucket": [float(r) for r in per_bucket],
-                        **clip_info, "weight_rounding": recipe.weight_rounding, "weight_clip": recipe.weight_clip})
+                        **clip_info, "weight_rounding": "nearest" if fp8 else recipe.weight_rounding,
+                        "weight_clip": "absmax" if fp8 else recipe.weight_clip})
             if rank:
                 l1, l2, w_kn = svd_split(w_kn, rank)
-                rec.update(branch_weight_error(l1, l2, w_kn, bits, block))
+                rec.update(branch_weight_error(l1, l2, w_kn, bits, block, fp8))
             how = WeightQuant(recipe.weight_rounding, recipe.weight_clip)
-            hessian = _hessian(stats[layer], factors.get(layer), recipe)
+            hessian = None if fp8 else _hessian(stats[layer], factors.get(layer), recipe)
             final_out = node.output[0]
             raw = names.matmul_out(layer, "raw") if (inverse or rank) else final_out
             dynamic = scheme != "w4a16" and activations == "dynamic"
@@ -430,7 +444,7 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                 kernel = "DynamicQuantizeLinear+MatMulInteger"
                 model.graph.node.remove(node)
             else:
-                w_dq, scale = _weight_dq(model, layer, w_kn, bits, block, ftype, how, hessian)
+                w_dq, scale = _weight_dq(model, layer, w_kn, bits, block, ftype, how, hessian, fp8)
                 node.input[0], node.input[1] = x_q, w_dq
                 node.output[0] = raw
                 kernel = "Q/DQ MatMul"

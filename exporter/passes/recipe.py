@@ -22,7 +22,9 @@ from typing import Any, Iterable
 from exporter.errors import InputError
 
 RECIPE_VERSION = 1
-SCHEMES = ("w8a8", "w4a16", "w4a8")
+SCHEMES = ("w8a8", "w4a16", "w4a8", "fp8")
+# bits of each scheme's weights; fp8 is E4M3 (8 bits, 3 of mantissa) with per-tensor scales, TensorRT only
+WEIGHT_BITS = {"w8a8": 8, "fp8": 8, "w4a16": 4, "w4a8": 4}
 METHODS = ("minmax", "smoothquant", "timestep-smoothquant")
 ACTIVATIONS = ("static", "dynamic")
 # shared: one activation scale over all buckets; per-bucket-scale: one graph, per-bucket activation
@@ -46,7 +48,7 @@ OVERRIDABLE = ("scheme", "alpha", "lowrank", "block_size", "activations")
 # Accuracy a deployed DiT must keep against FP32 (per-step output SQNR in dB, cosine) on sampler
 # trajectories, unless the recipe sets its own: what `scripts/check.py` enforces. Set from the sao-mini
 # synthetic model's measured figures with a few dB of margin (docs/figures.md).
-DEFAULT_CHECK = {"w8a8": (15.0, 0.98), "w4a16": (6.0, 0.85), "w4a8": (6.0, 0.85)}
+DEFAULT_CHECK = {"w8a8": (15.0, 0.98), "w4a16": (6.0, 0.85), "w4a8": (6.0, 0.85), "fp8": (15.0, 0.98)}
 
 # quadit before issue 14's passes: weights rounded to nearest with abs-max scales, the noise-model smoothing
 # search (needs neither second moments nor input rows; the baselines, structure-only graphs, comparisons)
@@ -124,7 +126,7 @@ class Recipe:
 
     @property
     def weight_bits(self) -> int:
-        return 8 if self.scheme == "w8a8" else 4
+        return WEIGHT_BITS[self.scheme]
 
     @property
     def quantizes_activations(self) -> bool:
@@ -152,7 +154,12 @@ class Recipe:
         """Refuse, with the reason, what the target backend cannot execute."""
         if target not in TARGETS:
             raise InputError(f"unknown target '{target}' (choose from: {', '.join(TARGETS)})")
+        schemes = {self.scheme} | {dict(r.overrides)["scheme"] for r in self.rules
+                                   if r.action == "override" and "scheme" in dict(r.overrides)}
         if target != "tensorrt":
+            if "fp8" in schemes:
+                raise InputError("fp8 needs --target tensorrt: FP8 GEMMs are TensorRT's (Ada, Hopper, Blackwell); "
+                                 "ONNX Runtime's CPU kernels have none (its FP8 Q/DQ would run as float math)")
             return
         if self.attention_int8 != "none":
             raise InputError(f"attention_int8 '{self.attention_int8}' runs as ONNX Runtime's DynamicQuantizeLinear + "
@@ -163,12 +170,15 @@ class Recipe:
              dict(r.overrides).get("block_size", self.block_size))
             for r in self.rules if r.action == "override"]
         for where, scheme, activations, block in layers:
-            if scheme != "w8a8" and block not in TRT_INT4_BLOCKS:
+            if WEIGHT_BITS[scheme] == 4 and block not in TRT_INT4_BLOCKS:
                 raise InputError(f"{where}: TensorRT's INT4 weight-only GEMM takes block sizes "
                                  f"{' or '.join(map(str, TRT_INT4_BLOCKS))}, got {block}; use --block-size 64 or 128")
             if scheme == "w4a8":
                 raise InputError(f"{where}: w4a8 is not supported by TensorRT (W4A8 exists only in TensorRT-LLM); "
                                  "use --target onnxruntime or --scheme w4a16/w8a8")
+            if activations == "dynamic" and scheme == "fp8":
+                raise InputError(f"{where}: fp8 takes static per-tensor activation scales (calibrated per timestep "
+                                 "bucket); use --activations static")
             if activations == "dynamic" and scheme != "w4a16":
                 raise InputError(f"{where}: dynamic INT8 activation quantization is not supported by TensorRT "
                                  "(its dynamic quantization is FP8/FP4 only); use --activations static or "

@@ -90,12 +90,12 @@ def read_calibration(directory: Path, loaded: LoadedModel) -> Calibration:
 def check_int4_blocks(loaded: LoadedModel, recipe: Recipe, target: str) -> dict[str, int | None]:
     """The per-layer INT4 block decisions for this model, made (and logged) before calibration starts."""
     from exporter.passes.quantize import int4_plan
-    from exporter.passes.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS
+    from exporter.passes.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, WEIGHT_BITS
 
     layers = quantizable_linears(loaded.dit)
     shapes = {n: (m.in_features, m.out_features) for n, m in layers.items()}
     plan = int4_plan(shapes, recipe.resolve(layers), TRT_INT4_BLOCKS if target == "tensorrt" else ORT_INT4_BLOCKS)
-    if recipe.scheme != "w8a8" and len([b for b in plan.values() if b is None]) == len(layers):
+    if WEIGHT_BITS[recipe.scheme] == 4 and len([b for b in plan.values() if b is None]) == len(layers):
         raise InputError(f"no layer of this model splits into INT4 blocks of {recipe.block_size} or smaller; "
                          "use --scheme w8a8")
     return plan

@@ -115,7 +115,16 @@ def _check_qdq(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto], opset: int
     if n.op_type == "DequantizeLinear" and n.input[0] in inits:
         w = inits[n.input[0]]
         block = next((a.i for a in n.attribute if a.name == "block_size"), 0)
-        if w.data_type == TensorProto.INT4:
+        if w.data_type == TensorProto.FLOAT8E4M3FN:
+            # FP8 Q/DQ came with opset 19; TensorRT quantizes FP8 as castToFp8(clip(x / s, -448, 448)) with s
+            # "a 16-bit or 32-bit floating point scalar" (developer guide, "Quantization Schemes"), and NVIDIA's
+            # FP8 recipe exports per-tensor weight scales (ModelOpt FP8_DEFAULT_CFG, `axis: None`)
+            if opset < 19:
+                bad.append(Violation("FP8 opset", n.name, f"FP8 Q/DQ needs opset >= 19, graph has {opset}"))
+            if _numel(scale) != 1:
+                bad.append(Violation("FP8 per tensor", n.name, f"FP8 weight {w.name} must have one scale, has "
+                                     f"{_numel(scale)}"))
+        elif w.data_type == TensorProto.INT4:
             if opset < 21:
                 bad.append(Violation("INT4 opset", n.name, f"INT4 block quantization needs opset >= 21, graph has {opset}"))
             if block not in block_sizes:
@@ -142,9 +151,23 @@ def _check_matmul(n: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits
     if TensorProto.INT8 in weight_types and not act_dq:
         return [Violation("Q/DQ on both inputs", n.name, "an INT8 weight needs an INT8 activation Q/DQ on the "
                           "other MatMul input (only INT4 weights may be weight-only)")]
+    fp8_weight = TensorProto.FLOAT8E4M3FN in weight_types
+    if weight_types and act_dq and fp8_weight != all(_zero_point_type(p, inits) == TensorProto.FLOAT8E4M3FN
+                                                    for p in act_dq):
+        return [Violation("one quantized type", n.name, "weight and activation Q/DQ of a GEMM must both be FP8 "
+                          "or both INT8 (TensorRT has no mixed INT8 x FP8 GEMM)")]
+    if fp8_weight and not act_dq:
+        return [Violation("Q/DQ on both inputs", n.name, "an FP8 weight needs an FP8 activation Q/DQ on the "
+                          "other MatMul input")]
     if act_dq and not weight_types:
         return [Violation("Q/DQ on both inputs", n.name, "activation is quantized but the weight has no DQ")]
     return []
+
+
+def _zero_point_type(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
+    """The quantized type of a DQ: its zero point's (INT8 when it has none, as QuantizeLinear defaults)."""
+    zp = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    return zp.data_type if zp is not None else TensorProto.INT8
 
 
 def main(argv: list[str] | None = None) -> int:

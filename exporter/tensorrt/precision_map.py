@@ -8,8 +8,8 @@ This reads the graph the way a strongly typed TensorRT build does, not the way t
   input types, which ONNX's own type rules give (ORT's symbolic shape inference computes them here).
 - DequantizeLinear outputs the type of its scale (ONNX DequantizeLinear-21, type constraint T2 on
   x_scale and y; onnx-tensorrt imports DQ with that output type). An FP32 scale makes an FP32 tensor.
-- Explicit quantization: a MatMul/Conv whose activation and weight inputs both come from INT8
-  DequantizeLinear runs as an INT8 GEMM and writes the DQ's float type (developer guide, "Explicit
+- Explicit quantization: a MatMul/Conv whose activation and weight inputs both come from INT8 (or both
+  from FP8 E4M3) DequantizeLinear runs as an INT8 (FP8) GEMM and writes the DQ's float type (developer guide, "Explicit
   Quantization" / "Q/DQ Fusion"); a MatMul whose weight comes from an INT4 block DQ is a weight-only INT4
   GEMM computing in the activation's type, which must be FP16 or BF16 ("Working with Quantized Types";
   NVIDIA's ONNX INT4 path, modelopt/onnx/quantization/int4.py, writes FP16 scales).
@@ -35,7 +35,7 @@ COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "Softmax", "LayerNormalization")
 _FLOAT_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16"}
 _BYTES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.INT8: 1,
           TensorProto.UINT8: 1, TensorProto.INT64: 8, TensorProto.INT32: 4, TensorProto.BOOL: 1,
-          TensorProto.INT4: 0.5, TensorProto.UINT4: 0.5}
+          TensorProto.INT4: 0.5, TensorProto.UINT4: 0.5, TensorProto.FLOAT8E4M3FN: 1}
 # ops between the two attention MatMuls that TensorRT's MHA fusion accepts (scale, mask, softmax)
 _ATTENTION_INNER = ("Mul", "Div", "Add", "Softmax")
 
@@ -214,7 +214,8 @@ def _matmul(g: _Graph, n: onnx.NodeProto) -> Layer:
         if kind_w == "weight-dq" and t_w in (TensorProto.INT4, TensorProto.UINT4):
             precision, quantized = f"INT4 (weight-only, {compute} compute)", True
         elif kind_w == "weight-dq" and act_quantized:
-            precision, quantized = f"INT8 ({compute} out)", True
+            kind = "FP8" if t_w == TensorProto.FLOAT8E4M3FN else "INT8"
+            precision, quantized = f"{kind} ({compute} out)", True
         else:
             precision, quantized = compute + (" (TF32)" if compute == "FP32" else ""), kind_w == "weight-dq"
         return Layer(n.name, n.op_type, "weight GEMM", precision, compute, flops, in_bytes + w_bytes, w_bytes, quantized)

@@ -18,8 +18,11 @@ these are half of those):
   3.35 TB/s (H100, HBM3) and 4.8 TB/s (H200, HBM3e). NVIDIA H100 Tensor Core GPU datasheet; H200 datasheet.
 - L40S: FP16 362.05 TFLOPS, INT8 733 TOPS, TF32 183 TFLOPS, 864 GB/s. NVIDIA L40S datasheet.
 - RTX 4090: FP16 with FP32 accumulate 165.2 TFLOPS (330.3 with FP16 accumulate; TensorRT's FP16 GEMMs
-  accumulate in FP32 by default), INT8 660.6 TOPS, TF32 82.6 TFLOPS, 1008 GB/s. NVIDIA Ada GPU
-  architecture whitepaper, appendix table.
+  accumulate in FP32 by default), FP8 with FP32 accumulate 330.3 TFLOPS, INT8 660.6 TOPS, TF32 82.6 TFLOPS,
+  1008 GB/s. NVIDIA Ada GPU architecture whitepaper, appendix table.
+- FP8 (E4M3, dense): H100 / H200 1978.9 TFLOPS, L40S 733 TFLOPS (data sheets as above).
+- B200 (Blackwell, one GPU of an HGX B200): FP16 2.25 PFLOPS, FP8 4.5 PFLOPS, INT8 4.5 POPS, TF32 1.1
+  PFLOPS, 8 TB/s HBM3e; NVIDIA HGX B200 datasheet, whose tensor figures are sparse (halved here).
 INT4 weight-only GEMMs compute in FP16 (weights are expanded in the kernel), so they gain bandwidth, not
 math: at 1024 latents and CFG batch 2 the DiT's GEMMs are compute bound, and the model says so.
 """
@@ -42,21 +45,30 @@ class Gpu:
     tf32_tflops: float
     bandwidth_tbs: float
     source: str
+    fp8_tflops: float = 0.0  # 0: the GPU has no FP8 tensor cores
+
 
     def peak(self, precision: str) -> float:
         """Operations per second for a layer of this precision-map group."""
         if precision.startswith("INT8"):
             return self.int8_tops * 1e12
+        if precision.startswith("FP8"):
+            if not self.fp8_tflops:
+                raise ValueError(f"{self.name} has no FP8 tensor cores")
+            return self.fp8_tflops * 1e12
         if precision.startswith("FP32"):
             return self.tf32_tflops * 1e12
         return self.fp16_tflops * 1e12  # FP16, BF16 and INT4 weight-only (FP16 compute)
 
 
 GPUS = {
-    "H100": Gpu("H100 SXM", 989.4, 1978.9, 494.7, 3.35, "NVIDIA H100 Tensor Core GPU datasheet (dense)"),
-    "H200": Gpu("H200 SXM", 989.4, 1978.9, 494.7, 4.8, "NVIDIA H200 Tensor Core GPU datasheet (dense)"),
-    "L40S": Gpu("L40S", 362.05, 733.0, 183.0, 0.864, "NVIDIA L40S datasheet (dense)"),
-    "RTX 4090": Gpu("RTX 4090", 165.2, 660.6, 82.6, 1.008, "NVIDIA Ada GPU architecture whitepaper (dense, FP32 accumulate)"),
+    "H100": Gpu("H100 SXM", 989.4, 1978.9, 494.7, 3.35, "NVIDIA H100 Tensor Core GPU datasheet (dense)", 1978.9),
+    "H200": Gpu("H200 SXM", 989.4, 1978.9, 494.7, 4.8, "NVIDIA H200 Tensor Core GPU datasheet (dense)", 1978.9),
+    "L40S": Gpu("L40S", 362.05, 733.0, 183.0, 0.864, "NVIDIA L40S datasheet (dense)", 733.0),
+    "RTX 4090": Gpu("RTX 4090", 165.2, 660.6, 82.6, 1.008,
+                    "NVIDIA Ada GPU architecture whitepaper (dense, FP32 accumulate)", 330.3),
+    "B200": Gpu("B200", 2250.0, 4500.0, 1100.0, 8.0, "NVIDIA HGX B200 datasheet (per GPU; dense = half of sparse)",
+                4500.0),
 }
 # published TensorRT speedups of quantized over FP16 engines, to hold the model against
 PUBLISHED = [
