@@ -142,3 +142,20 @@ def test_speed_model_costs_fp8_gemms_at_the_fp8_peak(fp8_graphs):
     # GeForce Ada accumulates FP8 in FP32 at half its INT8 rate
     assert GPUS["RTX 4090"].fp8_tflops == pytest.approx(GPUS["RTX 4090"].int8_tops / 2)
     assert out["RTX 4090"]["fp8"]["weight_gemms"] > out["RTX 4090"]["w8a8"]["weight_gemms"]
+
+
+def test_bench_predict_has_fp8_rows_on_every_gpu(mini, tmp_path):
+    """`bench.py --predict` on sao-mini (flat statistics): FP16, w8a8, fp8 and w4a16 per GPU, JSON + Markdown + PNG."""
+    import json
+
+    from engines.evaluation.bench_predict import predict_main
+
+    predict_main(mini, None, [256], tmp_path / "predict")
+    doc = json.loads((tmp_path / "predict" / "predict.json").read_text())
+    table = doc["lengths"]["256"]["gpus"]
+    assert set(table) == {"H100", "H200", "L40S", "RTX 4090", "B200"}
+    for rows in table.values():
+        assert set(rows) == {"fp16", "w8a8", "fp8", "w4a16"} and rows["fp16"]["speedup_vs_fp16"] == 1.0
+    assert doc["lengths"]["256"]["precision"]["fp8"]["layers"]["weight GEMM"]["FP8 (FP16 out)"] == 42
+    assert "fp8 vs fp16" in (tmp_path / "predict" / "predict.md").read_text()
+    assert (tmp_path / "predict" / "predict.png").stat().st_size > 1000

@@ -76,18 +76,25 @@ def predict_main(loaded, calibration, lengths: list[int], out: Path) -> dict[str
     with tempfile.TemporaryDirectory(prefix="quadit-predict-") as scratch:
         base = Path(scratch) / "dit.fp16.onnx"
         export_fp16_base(loaded, dims, base)
-        graphs = {"fp16": onnx.load(str(base), load_external_data=False)}
-        for name, fields in RECIPES.items():
-            log.info("quantizing the FP16 graph: %s", name)
-            graphs[name], _ = quantize_graph(base, layers, calibration, Recipe(**fields))
+        # one graph in memory at a time: each is read into its precision maps and dropped (a full-size
+        # FP16 DiT and its quantized copies do not fit 24 GB together)
+        maps: dict[int, dict[str, Any]] = {length: {} for length in lengths}
+        for name, fields in {"fp16": None, **RECIPES}.items():
+            if fields is None:
+                graph = onnx.load(str(base), load_external_data=False)
+            else:
+                log.info("quantizing the FP16 graph: %s", name)
+                graph, _ = quantize_graph(base, layers, calibration, Recipe(**fields))
+            for length in lengths:
+                maps[length][name] = precision_map(graph, latents=length)
+            del graph
         doc: dict[str, Any] = {"kind": "PREDICTION (roofline from the precision map; not a measurement)",
                                "model": loaded.identity, "calibration": calibration.meta.get("artifact_sha256"),
                                "recipes": RECIPES, "lengths": {}}
         lines: list[str] = []
         for length in lengths:
-            maps = {n: precision_map(g, latents=length) for n, g in graphs.items()}
-            pred = predict_all(maps)
-            pred["precision"] = {n: m.summary() for n, m in maps.items()}
+            pred = predict_all(maps[length])
+            pred["precision"] = {n: m.summary() for n, m in maps[length].items()}
             doc["lengths"][str(length)] = pred
             lines += [markdown(pred, length, 2), ""]
     first = pred["precision"]
