@@ -20,12 +20,12 @@ from engines.serving.client import infer_inputs
 from engines.serving.server import MODEL_NAME
 
 SLOW_STEPS = 40  # about 1-2 s of sampling for 1 s of sao-mini audio on 2 cores
-LIMIT_S = 4.0
+LIMIT_S = 8.0  # above a cold first generation on a loaded 2-core machine (about 4 s), below 4 x a slow one
 
 
 @pytest.fixture(scope="module")
 def limited(mini_export, tmp_path_factory):
-    """A server with one generation at a time (max batch 1), a 4 s time limit, and the first answer of a
+    """A server with one generation at a time (max batch 1), an 8 s time limit, and the first answer of a
     request sent the moment /v2/health/ready first said 200 (probed every 10 ms from the process start)."""
     import tritonclient.http as httpclient
 
@@ -129,3 +129,5 @@ def test_soak_with_faults_loses_nothing_and_memory_stays_flat(mini_export, refer
     assert drained and all(o.result == "audio" for o in drained), drained
     assert report.server_exit == 0, srv.log_path.read_text()[-3000:]
     assert summary["rss_end_mb"] <= summary["rss_warm_mb"] * 1.10 + 64, summary
+    # refused and bad requests are answered with their message; PyTriton's traceback of each stays at DEBUG
+    assert "WARNING pytriton.proxy.inference" not in srv.log_path.read_text()

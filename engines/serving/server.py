@@ -80,6 +80,18 @@ class RequestError(Exception):
         pass
 
 
+class RequestErrorsAtDebug(logging.Filter):
+    """PyTriton logs every exception an infer callable raises, with its traceback, at WARNING. A RequestError
+    is a bad or refused request (the client gets its one-line message), not a server fault, so its record
+    is lowered to DEBUG: under load "server busy" refusals would otherwise fill the log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and f"{__name__}.RequestError" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 # -- the Python-backend environment --------------------------------------------------------------------
 def libpython_dir() -> str | None:
     """The directory of the running interpreter's own shared libpython, or None for a static build."""
@@ -360,6 +372,7 @@ def serve(pipeline: Pipeline, server: ServerConfig, scheduling: SchedulerConfig,
 
     check_ports_free(server)
     prepare_python_backend_env()
+    logging.getLogger("pytriton.proxy.inference").addFilter(RequestErrorsAtDebug())
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     scheduler = GenerateScheduler(pipeline, scheduling)
