@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engines.serving.client import MODEL, infer_inputs
+from engines.serving.load_test import percentile
 
 KINDS = ("http", "grpc", "bad", "hangup", "impatient")
 
@@ -123,7 +124,7 @@ class SoakReport:
                 "mismatched": sum(o.result == "mismatch" for o in self.outcomes),
                 "in_flight_at_sigterm": len(self.in_flight_at_sigterm()),
                 "in_flight_at_sigterm_with_audio": sum(o.result == "audio" for o in self.in_flight_at_sigterm()),
-                "latency_p50_s": percentile(good, 50), "latency_p99_s": percentile(good, 99),
+                "latency_p50_s": _rounded(percentile(good, 50)), "latency_p99_s": _rounded(percentile(good, 99)),
                 "rss_start_mb": round(self.rss_start_mb, 1), "rss_warm_mb": round(self.rss_warm_mb, 1),
                 "rss_end_mb": round(self.rss_end_mb, 1),
                 "wall_s": round(self.wall_s, 1), "server_exit": self.server_exit}
@@ -141,10 +142,8 @@ class SoakReport:
         Path(path).write_text(json.dumps(doc, indent=2))
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return round(float(np.percentile(np.asarray(values), q)), 3)
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def tree_rss_mb(pid: int) -> float:

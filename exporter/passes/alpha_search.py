@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.passes.qdq import FP8_MAX, fake_quantize_fp8, fake_quantize_weight, fp8_scale
+from exporter.passes.qdq import FP8_MAX, fake_quantize_fp8, fake_quantize_fp8_weight, fake_quantize_weight
 from exporter.passes.smoothing import smoothing_factors
 
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(19))  # 0.00 (all range to the activations) .. 0.90
@@ -70,8 +70,7 @@ def loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarra
     x = np.asarray(rows, np.float32)                              # [K, R, C]
     w = np.asarray(w_kn, np.float64)
     ws = w * s[:, None]
-    wq = (fake_quantize_fp8(ws, float(fp8_scale(np.abs(ws).max()))) if fp8
-          else fake_quantize_weight(ws, weight_bits, block)).astype(np.float32)
+    wq = (fake_quantize_fp8_weight(ws) if fp8 else fake_quantize_weight(ws, weight_bits, block)).astype(np.float32)
     ranges = (np.asarray(ch_absmax, np.float64) / s[None, :]).max(axis=1)   # [K]
     if not per_bucket_scale:
         ranges = np.full_like(ranges, ranges.max())

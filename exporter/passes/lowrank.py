@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.passes.qdq import fake_quantize_fp8, fake_quantize_weight, fp8_scale
+from exporter.passes.qdq import fake_quantize_fp8_weight, fake_quantize_weight
 
 
 def _top_singular(w: np.ndarray, rank: int, oversample: int = 16, iterations: int = 4
@@ -47,7 +47,7 @@ def branch_weight_error(l1: np.ndarray, l2: np.ndarray, residual: np.ndarray, bi
     """Relative Frobenius error of the deployed weight with and without the branch (FP16 factors,
     quantized residual): the figure the manifest records per layer."""
     def fake(x: np.ndarray) -> np.ndarray:
-        return fake_quantize_fp8(x, float(fp8_scale(np.abs(x).max()))) if fp8 else fake_quantize_weight(x, bits, block)
+        return fake_quantize_fp8_weight(x) if fp8 else fake_quantize_weight(x, bits, block)
 
     w = l1 @ l2 + residual
     norm = np.linalg.norm(w)

@@ -136,6 +136,11 @@ def fake_quantize_fp8(x: np.ndarray, scale: float) -> np.ndarray:
     return to_fp8(np.asarray(x, np.float64) / scale).astype(np.float64) * float(scale)
 
 
+def fake_quantize_fp8_weight(w: np.ndarray) -> np.ndarray:
+    """A weight through `quantize_fp8_per_tensor`'s arithmetic (FP32 scale), dequantized (float64)."""
+    return fake_quantize_fp8(w, float(fp8_scale(np.abs(w).max())))
+
+
 def fp8_initializer(name: str, codes: np.ndarray) -> onnx.TensorProto:
     """A FLOAT8E4M3FN tensor from E4M3FN codes (one byte each, ONNX's raw layout)."""
     tensor = TensorProto(name=name, data_type=TensorProto.FLOAT8E4M3FN, dims=list(codes.shape))
