@@ -49,6 +49,8 @@ def limited(mini_export, tmp_path_factory):
         srv.stop()
 
 
+@pytest.mark.xfail(strict=True, reason="issue 23.1 is open: /v2/health/ready says 200 before quadit_generate is "
+                   "loaded (engines/serving/server.py, _start_triton)")
 def test_ready_means_the_model_answers(limited):
     """/v2/health/ready is the probe Kubernetes and Triton's clients use: its first 200 must come with the
     model loaded, so the request sent at that moment gets audio, not "unknown model"."""

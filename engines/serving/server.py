@@ -316,23 +316,15 @@ def _unload_then_stop(triton: Any) -> None:
 LOAD_ATTEMPTS = 3
 
 
-def lifecycle_policy() -> Any:
-    """Write the model into the local model store at `bind` and let tritonserver load it at start-up.
-
-    Why (readiness): with PyTriton's default policy tritonserver starts with an empty repository, answers
-    `GET /v2/health/ready` with 200 (strict readiness holds vacuously: no model is loaded yet), and only
-    then is `quadit_generate` loaded through the repository API, so a Kubernetes probe puts the pod into
-    service while requests still get "unknown model". With the model in the store and `--load-model=*`,
-    tritonserver loads it before it opens its HTTP and gRPC endpoints (a probe sees no listener, then 200
-    only once the model is READY); `serve` then connects PyTriton's proxies to the loaded instances."""
-    from pytriton.triton import TritonLifecyclePolicy
-
-    return TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
-
-
 def _start_triton(triton_cls: Any, server: ServerConfig, scheduler: GenerateScheduler, pipeline: Pipeline,
                   in_flight: InFlight, attempts: int = LOAD_ATTEMPTS) -> Any:
-    """Start tritonserver with the model loaded, starting afresh when the model load fails.
+    """Start tritonserver and load the model, starting afresh when the model load fails.
+
+    Readiness (issue 23.1, open): PyTriton starts tritonserver with an empty repository and then loads the
+    model through the repository API, so `/v2/health/ready` says 200 (vacuously, under strict readiness)
+    before `quadit_generate` is loaded; probe `/v2/models/quadit_generate/ready` instead. Loading the model
+    at tritonserver's start-up (PyTriton's local-model-store lifecycle) closes that window, but it made the
+    handshake race below frequent and each failure cost PyTriton's 120 s start-up time-out, so it is not used.
 
     Why a retry: Triton initialises the Python-backend instances in parallel, and PyTriton's instances 1..n
     fetch their config from a Unix socket that instance 0 opens. asyncio binds that socket (the file
@@ -342,7 +334,7 @@ def _start_triton(triton_cls: Any, server: ServerConfig, scheduler: GenerateSche
     failed start is one whose server is no longer alive; a fresh server gets a fresh workspace and socket,
     and a load that fails every time still fails after `attempts`."""
     for attempt in range(1, attempts + 1):
-        triton = triton_cls(config=triton_config(server), triton_lifecycle_policy=lifecycle_policy())
+        triton = triton_cls(config=triton_config(server))
         bind(triton, scheduler, pipeline, in_flight)
         try:
             triton.run()
