@@ -99,8 +99,11 @@ class ActivationCollector:
     """Hooks `modules` (name -> module) and accumulates the statistics in the module docstring."""
 
     def __init__(self, modules: Mapping[str, nn.Module], buckets: BucketSpec, num_steps: int,
-                 settings: ObserverSettings = ObserverSettings()) -> None:
+                 settings: ObserverSettings = ObserverSettings(), channels_first: Iterable[str] = ()) -> None:
         self.modules = dict(modules)
+        # modules whose input puts channels on dim 1 ([B, C, H, W]: a Conv2d); their statistics are per
+        # input channel as for a Linear's last dim, so they are observed with channels moved last
+        self.channels_first = frozenset(channels_first)
         self.buckets = buckets
         self.num_steps = num_steps
         self.settings = settings
@@ -176,7 +179,8 @@ class ActivationCollector:
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             if self.active:
-                self.observe(name, args[0])
+                x = args[0]
+                self.observe(name, x.movedim(1, -1) if name in self.channels_first else x)
 
         return hook
 

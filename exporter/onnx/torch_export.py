@@ -34,6 +34,10 @@ class GraphSpec:
     input_names: Sequence[str]
     output_names: Sequence[str]
     dynamic: dict[str, dict[int, str]]
+    # per dynamic-dim label, (min, max, multiple_of) where the default (1, 65536, 1) does not hold: a UNet's
+    # frame axis must divide by its total down-sampling factor, and its batch stays below 64 (diffusers'
+    # nearest upsampling switches code path there), guards torch.export would otherwise refuse
+    dim_ranges: dict[str, tuple[int, int, int]] | None = None
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -53,6 +57,9 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple[Any, ...]:
     from torch.export import Dim
 
     dims: dict[str, Any] = {}
+    for label, (low, high, multiple) in (spec.dim_ranges or {}).items():
+        dims[label] = Dim(label, min=low, max=high) if multiple == 1 else \
+            multiple * Dim(f"{label}_over_{multiple}", min=-(-low // multiple), max=high // multiple)
     shapes = tuple({axis: dims.setdefault(label, Dim(label, min=1, max=1 << 16))
                     for axis, label in spec.dynamic.get(name, {}).items()} or None
                    for name in spec.input_names)
