@@ -1,5 +1,6 @@
 """Export a Stable Audio Open-family model to ONNX: dit.onnx (FP32, FP16 or quantized), text_encoder.onnx,
-conditioners.onnx, vae_decoder.onnx, tokenizer/ and manifest.json. Quantized schemes calibrate first
+conditioners.onnx, vae_decoder.onnx, tokenizer/ and manifest.json (a UNet-family model, AudioLDM or TANGO:
+text_encoder.onnx, unet.onnx, vae_decoder.onnx, vocoder.onnx; see engines/cli/unet_export.py). Quantized schemes calibrate first
 (unless --calibration names an artifact), quantize the DiT graph, and write an accuracy report
 (report.json / report.md) against FP32, the minmax baseline and ModelOpt at equal bits."""
 from __future__ import annotations
@@ -133,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
 
+    from exporter.models.cli_args import unet_requested
+
+    if unet_requested(args):
+        from engines.cli.unet_export import export_unet
+
+        return export_unet(args)
     from exporter.errors import InputError
     from exporter.models import load_model
     from exporter.stages.export import SCHEMES, ExportOptions, export_model

@@ -1,5 +1,6 @@
 """Generate audio from a prompt with an export directory: text encoder -> number conditioners ->
-dpmpp-3m-sde sampler over the DiT -> VAE decoder -> 44.1 kHz stereo WAV."""
+dpmpp-3m-sde sampler over the DiT -> VAE decoder -> 44.1 kHz stereo WAV (a UNet-family export: text encoder ->
+the pipeline's diffusers scheduler over the UNet -> VAE decoder -> vocoder -> 16 kHz mono WAV)."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--seconds", type=float, default=None,
                         help=f"duration of the audio (default: {DEFAULT_SECONDS:g} s, or the model's window if shorter)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: model card, 100)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default 7)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the export's model defaults; SAO: 100)")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: the export's model defaults; SAO: 7)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="onnxruntime",
                         help="onnxruntime (default), torch (reference) or tensorrt (needs --engines)")
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from engines.runtime.providers import check_torch_device
 
         check_torch_device(args.device)
+    from exporter.onnx.artifacts import read_manifest
+
+    if read_manifest(Path(args.export)).get("family") == "unet":
+        return _generate_unet(args)
     pipeline = open_pipeline(Path(args.export), args.backend, Path(args.engines) if args.engines else None,
                              device=args.device)
     from engines.runtime.durations import pick_seconds
@@ -70,6 +75,32 @@ def main(argv: list[str] | None = None) -> int:
              args.out, result.audio.shape[-1] / result.sample_rate, result.sample_rate, levels["peak"],
              levels["rms"], args.backend, result.timings["sampling_s"])
     extra = {"device": args.device}
+    if hasattr(pipeline.backend, "providers"):
+        extra["providers"] = pipeline.backend.providers
+    print(json.dumps({"out": str(Path(args.out).resolve()), **levels, **result.timings, **extra}))
+    return 0
+
+
+def _generate_unet(args: argparse.Namespace) -> int:
+    """The UNet family (AudioLDM, TANGO): the export's diffusers scheduler, 16 kHz mono WAV."""
+    from engines.runtime.pipeline import write_wav
+    from engines.runtime.unet_pipeline import UNetGenerateOptions, open_unet_pipeline
+    from exporter.onnx.artifacts import read_manifest
+
+    manifest = read_manifest(Path(args.export))
+    pipeline = open_unet_pipeline(Path(args.export), manifest, args.backend, args.device)
+    defaults, dims = manifest["sampler_defaults"], manifest["dims"]
+    seconds = args.seconds if args.seconds is not None else min(DEFAULT_SECONDS, float(dims["default_seconds"]))
+    opts = UNetGenerateOptions(prompt=args.prompt, seconds=seconds, seed=args.seed,
+                               steps=args.steps if args.steps is not None else int(defaults["steps"]),
+                               cfg_scale=args.cfg_scale if args.cfg_scale is not None else float(defaults["cfg_scale"]))
+    opts.validate(dims)
+    result = pipeline.generate(opts)
+    levels = write_wav(Path(args.out), result.audio[0], result.sample_rate)
+    log.info("wrote %s: %.2f s, %d Hz mono, peak %.3f, rms %.4f (%s backend, %s; sampling %.1f s)", args.out,
+             result.audio.shape[-1] / result.sample_rate, result.sample_rate, levels["peak"], levels["rms"],
+             args.backend, manifest["unet_family"], result.timings["sampling_s"])
+    extra = {"device": args.device, "family": manifest["unet_family"]}
     if hasattr(pipeline.backend, "providers"):
         extra["providers"] = pipeline.backend.providers
     print(json.dumps({"out": str(Path(args.out).resolve()), **levels, **result.timings, **extra}))

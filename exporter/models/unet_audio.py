@@ -82,10 +82,13 @@ def config_sha256(model: UNetAudioModel) -> str:
     configs = {"family": model.family, "unet": dict(model.unet.config), "vae": dict(model.vae.config),
                "vocoder": model.vocoder.config.to_dict(), "text_encoder": model.text_encoder.config.to_dict(),
                "scheduler": model.scheduler_config}
-    for key in ("_name_or_path", "transformers_version", "_diffusers_version", "_commit_hash"):
-        for c in configs.values():
-            if isinstance(c, dict):
-                c.pop(key, None)
+    # bookkeeping keys say nothing about the network, and diffusers' `_use_default_values` is a list made from
+    # a set (its order changes between processes)
+    for name, c in list(configs.items()):
+        if isinstance(c, dict):
+            configs[name] = {k: v for k, v in c.items()
+                             if not k.startswith("_") or name == "scheduler" and k == "_class_name"}
+            configs[name].pop("transformers_version", None)
     return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
 
 

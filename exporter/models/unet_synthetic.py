@@ -8,7 +8,8 @@ transformer projections from LayerNorm gammas, with the consumer's weights on th
 carries outliers from a few large output rows of each ResNet's `conv2`; attention's `to_out` and the GEGLU
 output Linear see outliers from a few large value / GEGLU rows. `shape_like_trained` plants these,
 deterministically by seed; `measure_quantizer_view` reports what a quantizer then sees over real sampler runs.
-The text encoder, VAE and vocoder keep their seeded init (they stay unquantized).
+The text encoder and VAE keep their seeded init (they stay unquantized); the vocoder's conv weights are
+scaled to their fan-in so that it writes audible audio (`_audible_vocoder`).
 """
 from __future__ import annotations
 
@@ -88,6 +89,21 @@ def shape_like_trained(model: Any, seed: int) -> None:
         elif isinstance(module, Transformer2DModel):
             _shape_transformer(module, g)
     _gamma_outliers(unet.conv_norm_out, [unet.conv_out], g)
+    _audible_vocoder(model.vocoder, g)
+
+
+def _audible_vocoder(vocoder: nn.Module, g: torch.Generator) -> None:
+    """Fan-in scaled conv weights (std 1/sqrt(fan_in)): SpeechT5HifiGan's own init (std 0.01) shrinks the
+    signal about 10x per layer, so a random vocoder writes a WAV of peak 1e-9 (silence to a listener and a
+    0/0 to an audio SNR); with this init its output peaks near 0.5 on a unit-variance mel."""
+    for module in vocoder.modules():
+        if isinstance(module, nn.Conv1d):
+            fan_in = module.weight.shape[1] * module.weight.shape[2]
+        elif isinstance(module, nn.ConvTranspose1d):
+            fan_in = module.weight.shape[0] * module.weight.shape[2] // module.stride[0]
+        else:
+            continue
+        module.weight.copy_(torch.randn(module.weight.shape, generator=g) / fan_in ** 0.5)
 
 
 @torch.no_grad()

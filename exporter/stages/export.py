@@ -221,7 +221,7 @@ def export_model(loaded: LoadedModel, out: Path, options: ExportOptions,
                        "reference": "PyTorch FP32", "tolerance": tolerance,
                        "metric": "max|onnx - torch| / max|torch| over random inputs"},
             "options": asdict(options),
-            "versions": _versions(),
+            "versions": package_versions(),
         }
         for stage in stages:
             stage(tmp, manifest)
@@ -230,11 +230,11 @@ def export_model(loaded: LoadedModel, out: Path, options: ExportOptions,
     return manifest
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("quadit", "torch", "onnx", "onnxruntime", "stable-audio-tools", "k-diffusion", "transformers"):
+    for pkg in ("quadit", "torch", "onnx", "onnxruntime", "stable-audio-tools", "k-diffusion", "transformers", "diffusers"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
