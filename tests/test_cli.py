@@ -67,7 +67,7 @@ def _not_sao_config(tmp_path: Path) -> list[str]:
 
 
 BAD_EXPORTS = {
-    "unknown model": (lambda tmp: ["--model", "audioldm", "--synthetic-weights"], "unknown model"),
+    "unknown model": (lambda tmp: ["--model", "musicgen", "--synthetic-weights"], "unknown model"),
     "unknown scheme": (lambda tmp: ["--synthetic-weights", "--scheme", "int3"], "unknown scheme"),
     "missing checkpoint": (lambda tmp: ["--model", "stable-audio-open", "--checkpoint", str(tmp / "nope.ckpt")],
                            "not found"),

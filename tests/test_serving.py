@@ -254,7 +254,11 @@ def test_sigterm_stops_accepting_finishes_in_flight_and_exits_0(server):
     # to the whole process group, as `timeout` or Ctrl-C do: serve.py runs the server in a session of its
     # own and forwards the signal, so tritonserver and PyTriton's helpers do not stop under the drain
     os.killpg(server.proc.pid, signal.SIGTERM)
-    time.sleep(0.5)
+    # the late request goes in once the server has taken the signal (its log says it is draining): sent before,
+    # it is a request like the in-flight ones, queued behind their 40 steps, which a loaded CI host ran past 60 s
+    deadline = time.time() + 30
+    while "draining:" not in server.log_path.read_text() and time.time() < deadline:
+        time.sleep(0.1)
     late = httpclient.InferenceServerClient(f"127.0.0.1:{server.http}", network_timeout=60)
     # refused by the scheduler, or by PyTriton while the model unloads, or, once down, gone
     with pytest.raises(Exception, match="shutting down|handler is stopped|refused|not found|unavailable"):

@@ -143,7 +143,7 @@ def build(config: dict[str, Any], t5: T5Source, seed: int) -> Any:
 def load_model(spec: ModelSpec) -> LoadedModel:
     """The model the user asked for, with an identity record for every artifact's manifest."""
     if spec.model not in presets.PRESETS and not (spec.model_config or spec.config):
-        raise InputError(f"unknown model '{spec.model}' (choose from: {', '.join(presets.PRESETS)})")
+        raise InputError(f"unknown model '{spec.model}' (choose from: {', '.join(presets.model_names())})")
     source = None
     if not spec.synthetic_weights:
         if spec.model in presets.SYNTHETIC_ONLY and not spec.checkpoint:

@@ -125,9 +125,16 @@ HUB_REPOS: dict[str, str] = {"stable-audio-open": "stabilityai/stable-audio-open
                              "stable-audio-open-small": "stabilityai/stable-audio-open-small"}
 
 
+def model_names() -> list[str]:
+    """Every name `--model` takes: these DiT presets and the UNet family's (exporter.models.unet_presets)."""
+    from exporter.models import unet_presets
+
+    return [*PRESETS, *unet_presets.PRESETS, *unet_presets.HUB_REPOS]
+
+
 def preset_config(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        raise InputError(f"unknown model '{name}' (choose from: {', '.join(PRESETS)})")
+        raise InputError(f"unknown model '{name}' (choose from: {', '.join(model_names())})")
     return copy.deepcopy(PRESETS[name])
 
 
