@@ -10,7 +10,13 @@ from onnx import numpy_helper
 
 from engines.evaluation.accuracy import sqnr_db
 from engines.evaluation.compare import EXACT_QDQ
-from engines.evaluation.ort_quantizer_baseline import OrtQuantSettings, TrajectoryReader, _stride, quantize, quantized_op_counts
+from engines.evaluation.ort_quantizer_baseline import (
+    OrtQuantSettings,
+    TrajectoryReader,
+    calibration_stride,
+    quantize,
+    quantized_op_counts,
+)
 from exporter.errors import InputError
 from exporter.models.layers import quantizable_linears
 from exporter.onnx.torch_export import ort_session
@@ -41,7 +47,7 @@ def test_reader_serves_every_feed_once_per_stride():
     while (f := reader.get_next()) is not None:
         got.append(int(f["x"][0]))
     assert got == [5, 6, 7, 8, 9]
-    assert (_stride(40), _stride(12), _stride(7), _stride(3)) == (10, 6, 7, 3)
+    assert (calibration_stride(40), calibration_stride(12), calibration_stride(7), calibration_stride(3)) == (10, 6, 7, 3)
 
 
 @pytest.fixture(scope="module")

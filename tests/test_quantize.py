@@ -18,7 +18,7 @@ from exporter.models.layers import quantizable_linears
 from exporter.onnx.torch_export import ort_session
 from exporter.passes import names, qdq
 from exporter.passes.lowrank import branch_weight_error, svd_split
-from exporter.passes.quantize import LayerStats, _bucket_index
+from exporter.passes.quantize import LayerStats, bucket_index
 from exporter.passes.recipe import Recipe
 from exporter.stages.quantized import W4A16_SESSION_CONFIG, Calibration, quantize_graph
 from exporter.tensorrt.checker import check_graph
@@ -117,7 +117,7 @@ def test_bucket_index_in_graph_matches_bucket_spec(tmp_path):
                               [helper.make_tensor_value_info(names.BUCKET, TensorProto.INT64, [None])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
-    _bucket_index(model, edges)
+    bucket_index(model, edges)
     onnx.checker.check_model(model)
     import onnxruntime as ort
 

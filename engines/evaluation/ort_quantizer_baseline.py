@@ -39,7 +39,7 @@ CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
 MAX_STRIDE = 10
 
 
-def _stride(count: int) -> int:
+def calibration_stride(count: int) -> int:
     """The largest divisor of `count` up to MAX_STRIDE (quantize_static wants the strides to divide it)."""
     return max(d for d in range(1, min(count, MAX_STRIDE) + 1) if count % d == 0)
 
@@ -160,7 +160,7 @@ def quantize(fp32: Path, layers: Sequence[str], settings: OrtQuantSettings, out:
         if settings.mode == "static":
             if not calibration_feeds:
                 raise InputError("quantize_static needs calibration feeds")
-            extra.setdefault("CalibStridedMinMax", _stride(len(calibration_feeds)))
+            extra.setdefault("CalibStridedMinMax", calibration_stride(len(calibration_feeds)))
             cache = None
             if settings.calibrator_options:
                 cache = _calibration_cache(pre, Path(tmp), settings, calibration_feeds, extra)

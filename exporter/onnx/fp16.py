@@ -73,3 +73,23 @@ def fp16_vae(pretransform: nn.Module, config: dict, sample_rate: int) -> nn.Modu
     # AutoencoderPretransform.load_state_dict forwards to its autoencoder, so load at that level
     half.model.load_state_dict(pretransform.model.state_dict())
     return half.eval().requires_grad_(False).half()
+
+
+def fp16_unet(unet: nn.Module) -> nn.Module:
+    """A deep copy of a diffusers `UNet2DConditionModel` in FP16 with FP32 islands, for the TensorRT target's
+    strongly typed graph (the UNet analogue of `fp16_dit`):
+    - GroupNorm and LayerNorm: mean/variance over C/G x H x W values with 20-80x outlier channels lose
+      digits in FP16 (the same reason as the DiT's LayerNorm); computed in FP32 and cast back.
+    - The timestep MLP (`time_embedding`): diffusers casts the sinusoidal features to the UNet's dtype before
+      it; run it in FP32 and cast its output to FP16 where it joins the stream.
+    Convolutions, Linears and attention (Q.K^T -> Softmax -> .V, what TensorRT fuses) stay FP16."""
+    half = copy.deepcopy(unet).half()
+    for module in half.modules():
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            module.float()
+            module.register_forward_pre_hook(_cast_inputs(torch.float32))
+            module.register_forward_hook(_cast_output(torch.float16))
+    half.time_embedding.float()
+    half.time_embedding.register_forward_pre_hook(_cast_inputs(torch.float32))
+    half.time_embedding.register_forward_hook(_cast_output(torch.float16))
+    return half

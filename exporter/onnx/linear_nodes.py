@@ -30,7 +30,7 @@ class LinearSite:
     bias: str | None
 
 
-def _scope(node: onnx.NodeProto, prefix: str) -> str | None:
+def node_scope(node: onnx.NodeProto, prefix: str) -> str | None:
     for prop in node.metadata_props:
         if prop.key == SCOPES_KEY:
             scopes = [s.strip().strip("'\"") for s in prop.value.strip("[]").split(",")]
@@ -50,7 +50,7 @@ def locate_linears(model: onnx.ModelProto, layers: list[str], prefix: str = "dit
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
-        layer = _scope(node, prefix)
+        layer = node_scope(node, prefix)
         if layer not in wanted:
             continue
         weights = [i for i in node.input[:2] if i in inits]

@@ -169,7 +169,7 @@ def _act_clip(stats: Mapping[str, LayerStats], members: Sequence[str], factors: 
     return search_clip(rows, per_bucket, w, shared)
 
 
-def _bucket_index(model: onnx.ModelProto, edges: Sequence[float], t_input: str = "t") -> str:
+def bucket_index(model: onnx.ModelProto, edges: Sequence[float], t_input: str = "t") -> str:
     """bucket = number of interior edges >= t (calibration's BucketSpec rule), as an int64 [B]."""
     if any(n.output and n.output[0] == names.BUCKET for n in model.graph.node):
         return names.BUCKET
@@ -202,7 +202,7 @@ def _gathered(model: onnx.ModelProto, tensor: str, part: str, table: np.ndarray,
     return names.act(tensor, part)
 
 
-def _static_qdq(model: onnx.ModelProto, tensor: str, scale: float, dtype: type = np.float32, fp8: bool = False) -> str:
+def static_qdq(model: onnx.ModelProto, tensor: str, scale: float, dtype: type = np.float32, fp8: bool = False) -> str:
     """Per-tensor Q -> DQ of an activation: INT8, or E4M3 (`fp8`: its zero point's type says so)."""
     g = model.graph
     zero = (qdq.fp8_initializer(names.act(tensor, "zero_point"), qdq.to_fp8(np.zeros(())))
@@ -396,9 +396,9 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
         if static:
             if bucket is not None:
                 act_scales = [float(per_bucket[bucket]) / qmax]
-                x_q = _static_qdq(model, tensor, act_scales[0], ftype, fp8)
+                x_q = static_qdq(model, tensor, act_scales[0], ftype, fp8)
             elif recipe.bucket_policy == "per-bucket-scale" and k_buckets > 1:
-                index = _bucket_index(model, edges)
+                index = bucket_index(model, edges)
                 shared = float(per_bucket.min())
                 pre_table = np.clip(shared / per_bucket, 1.0 / PRESCALE_MAX, 1.0).astype(ftype)
                 post_table = (1.0 / pre_table.astype(np.float64)).astype(ftype)
@@ -406,12 +406,12 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                 inverse = _gathered(model, tensor, "postscale", post_table, index)
                 model.graph.node.append(helper.make_node("Mul", [tensor, pre], [names.act(tensor, "prescaled")],
                                                          name=names.node(tensor, "prescale_mul")))
-                x_q = _static_qdq(model, names.act(tensor, "prescaled"), shared / qmax, ftype, fp8)
+                x_q = static_qdq(model, names.act(tensor, "prescaled"), shared / qmax, ftype, fp8)
                 q_scale = float(qdq.positive_scale(shared / qmax, ftype))
                 act_scales = [q_scale / float(p) for p in pre_table]
             else:
                 act_scales = [float(per_bucket.max()) / qmax]
-                x_q = _static_qdq(model, tensor, act_scales[0], ftype, fp8)
+                x_q = static_qdq(model, tensor, act_scales[0], ftype, fp8)
         for layer in members:
             settings = active[layer]
             node = graph_edit.node_by_name(model, sites[layer].node)

@@ -26,7 +26,10 @@ from exporter.passes.recipe import TRT_INT4_BLOCKS
 
 UNSUPPORTED = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv",
                "MatMulIntegerToFloat", "MatMulNBits")
-FLOAT_ONLY = ("LayerNormalization", "Softmax", "Sin", "Cos")
+# normalisations and softmax run unquantized: TensorRT's developer guide ("Q/DQ Layer-Placement
+# Recommendations") quantizes the inputs of GEMM/convolution layers only, and a DQ feeding a normalisation
+# leaves an unfused Q/DQ pair (an INT8 -> float reformat) in front of it
+FLOAT_ONLY = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax", "Sin", "Cos")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ def check_graph(model: onnx.ModelProto, block_sizes: tuple[int, ...] = TRT_INT4_
                     bad.append(Violation("Q->DQ pairs", n.name, f"Q output feeds {user.op_type} {user.name}, not a DQ"))
         if n.op_type in ("MatMul", "Gemm"):
             bad.extend(_check_matmul(n, producers, inits))
+        if n.op_type == "Conv":
+            bad.extend(_check_conv(n, producers, inits))
         if n.op_type in FLOAT_ONLY:
             for i in n.input:
                 p = producers.get(i)
@@ -162,6 +167,24 @@ def _check_matmul(n: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits
     if act_dq and not weight_types:
         return [Violation("Q/DQ on both inputs", n.name, "activation is quantized but the weight has no DQ")]
     return []
+
+
+def _check_conv(n: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]
+                ) -> list[Violation]:
+    """A quantized convolution: the GEMM rules on (x, W), and the weight's scales along the output channels.
+
+    onnx-tensorrt's DequantizeLinear importer takes a per-channel weight scale only on the axis TensorRT's
+    convolution quantizes: the output channels, axis 0 of [O, I, kh, kw] (developer guide, "Quantization
+    Schemes": "convolution ... weights quantized per output channel"; axis 1 is ConvTranspose's)."""
+    bad = _check_matmul(n, producers, inits)
+    dq = producers.get(n.input[1])
+    if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+        scale = inits.get(dq.input[1])
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if _numel(scale) > 1 and axis != 0:
+            bad.append(Violation("Conv weights per output channel", dq.name, f"Conv weight scales on axis {axis}; "
+                                 "TensorRT quantizes convolution weights per output channel (axis 0)"))
+    return bad
 
 
 def _zero_point_type(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
