@@ -21,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--seconds", type=float, default=None,
                         help=f"duration of the audio (default: {DEFAULT_SECONDS:g} s, or the model's window if shorter)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the export's model defaults; SAO: 100)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: the export's model defaults; SAO: 7)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampler steps (default: the export's model defaults; SAO: 100)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="classifier-free guidance (default: the export's model defaults; SAO: 7)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="onnxruntime",
                         help="onnxruntime (default), torch (reference) or tensorrt (needs --engines)")

@@ -223,11 +223,11 @@ def _compare(reference: RunResults, candidate: RunResults, buckets: Sequence[int
     return result
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else str(float(value))  # "inf": identical outputs; "nan"
     return value
@@ -285,7 +285,7 @@ def run_checks(export_dir: Path, engines_dir: Path | None = None, fp32_onnx: Pat
                                                        if backend == "onnxruntime" else {}),
                                 **_compare(reference, results, meta["buckets"], meta["edges"], thresholds)})
     comparisons.sort(key=lambda c: c["backend"] != "onnxruntime")
-    report = _json_safe({
+    report = json_safe({
         "schema_version": SCHEMA, "kind": "quadit-check", "export": str(export_dir.resolve()), "scheme": scheme,
         "recipe_sha256": manifest["quantization"].get("recipe_sha256"), "thresholds": thresholds,
         "rule": "mean SQNR (dB) and mean cosine over all saved inputs and over each bucket's inputs >= the thresholds",

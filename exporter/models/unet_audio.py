@@ -47,6 +47,11 @@ class UNetAudioModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def unet_down_factor(self) -> int:
+        """The UNet's total down-sampling (2 per down block but the last): its latent frames divide by it."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def mel_bins(self) -> int:
         return int(self.vocoder.config.model_in_dim)
 
@@ -69,6 +74,7 @@ class UNetAudioModel:
         default_seconds = unet.sample_size * self.vae_scale * self.hop_seconds
         out = {"latent_channels": int(unet.in_channels), "vae_scale": self.vae_scale, "mel_bins": self.mel_bins,
                "sample_rate": self.sample_rate, "hop_seconds": self.hop_seconds, "text_length": self.text_length,
+               "latent_frame_multiple": self.unet_down_factor,
                "default_seconds": round(default_seconds, 4), "max_seconds": round(4 * default_seconds, 4)}
         if self.family == "audioldm":
             out["text_embed_dim"] = int(self.text_encoder.config.projection_dim)
@@ -174,7 +180,9 @@ def load_pipeline_dir(path: Path) -> UNetAudioModel:
     if missing:
         raise InputError(f"{path} ({index['_class_name']}) lacks component folder(s): {', '.join(missing)}")
     text_cls = ClapTextModelWithProjection if family == "audioldm" else T5EncoderModel
-    loaders = {"unet": (UNet2DConditionModel, {}), "vae": (AutoencoderKL, {}), "vocoder": (SpeechT5HifiGan, {}),
+    # diffusers' default low_cpu_mem_usage needs `accelerate` and warns over several lines without it
+    plain = {"low_cpu_mem_usage": False}
+    loaders = {"unet": (UNet2DConditionModel, plain), "vae": (AutoencoderKL, plain), "vocoder": (SpeechT5HifiGan, {}),
                "text_encoder": (text_cls, {}), "tokenizer": (AutoTokenizer, {})}
     parts: dict[str, Any] = {}
     for name, (cls, kwargs) in loaders.items():

@@ -34,13 +34,19 @@ def make_scheduler(config: dict[str, Any]) -> Any:
 
 def latent_shape(dims: dict[str, Any], seconds: float) -> tuple[int, int, int]:
     """[C, frames / vae_scale, mel_bins / vae_scale] for `seconds` of audio; frames rounded up to a multiple
-    of the VAE's scale as the pipeline rounds them."""
+    of the VAE's scale as the pipeline rounds them, then the latent frames up to a multiple of the UNet's
+    down-sampling (`latent_frame_multiple`): diffusers' UNet takes other lengths through an
+    interpolating up-sampling path, the exported graph does not (the runtime trims the audio to `seconds`)."""
     scale = int(dims["vae_scale"])
-    frames = int(seconds / dims["hop_seconds"])
+    multiple = int(dims.get("latent_frame_multiple", 1))
+    # mel frames to cover `seconds` (the pipeline's int() drops the last one where float division lands just
+    # below an integer, 0.29 / 0.01 = 28.99..., and its WAV falls short of the length asked for)
+    frames = math.ceil(round(seconds / dims["hop_seconds"], 6))
     frames = int(math.ceil(frames / scale)) * scale
     if dims["mel_bins"] % scale:
         raise InputError(f"{dims['mel_bins']} mel bins are not divisible by the VAE scale {scale}")
-    return int(dims["latent_channels"]), max(1, frames // scale), dims["mel_bins"] // scale
+    latent = int(math.ceil(max(1, frames // scale) / multiple)) * multiple
+    return int(dims["latent_channels"]), latent, dims["mel_bins"] // scale
 
 
 def check_seconds(dims: dict[str, Any], seconds: float) -> None:

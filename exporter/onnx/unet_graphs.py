@@ -4,7 +4,8 @@ Interface (names are stable; float32 at every boundary; B and the frame axis are
 
 | graph | inputs | outputs |
 |---|---|---|
-| `text_encoder.onnx` | `input_ids`, `attention_mask` [B, S] int64 | AudioLDM: `class_labels` [B, E]; TANGO: `encoder_hidden_states` [B, S, D], `encoder_attention_mask` [B, S] |
+| `text_encoder.onnx` (AudioLDM) | `input_ids`, `attention_mask` [B, S] int64 | `class_labels` [B, E] |
+| `text_encoder.onnx` (TANGO) | the same | `encoder_hidden_states` [B, S, D], `encoder_attention_mask` [B, S] |
 | `unet.onnx` | `sample` [B, C, H, W], `timestep` [B], then the text encoder's outputs | `noise_pred` [B, C, H, W] |
 | `vae_decoder.onnx` | `latents` [B, C, H, W] | `mel` [B, 1, H * 4, W * 4] |
 | `vocoder.onnx` | `mel` [B, T, M] | `waveform` [B, T * 160] |

@@ -47,7 +47,7 @@ class UNetExportOptions:
 
 
 def down_factor(model: UNetAudioModel) -> int:
-    return 2 ** (len(model.unet.config.block_out_channels) - 1)
+    return model.unet_down_factor
 
 
 def _token_range(model: UNetAudioModel) -> tuple[int, int]:
@@ -84,7 +84,8 @@ def unet_spec(model: UNetAudioModel, module: torch.nn.Module | None = None) -> t
                                   {"batch": BATCH_RANGE, "frames": (factor, 4096, factor)})
 
 
-def _specs(model: UNetAudioModel) -> list[torch_export.GraphSpec]:
+def graph_specs(model: UNetAudioModel) -> list[torch_export.GraphSpec]:
+    """The four FP32 graphs of `model` with their export examples (see `exporter.onnx.unet_graphs`)."""
     g = torch.Generator().manual_seed(1234)
     modules = unet_graphs.graph_modules(model)
     dims = model.dims()
@@ -137,7 +138,7 @@ def runtime_spec(model: UNetAudioModel) -> dict[str, Any]:
 def export_graphs(model: UNetAudioModel, tmp: Path, options: UNetExportOptions) -> dict[str, Any]:
     """Export and parity-check every graph into `tmp`; returns the manifest's `graphs`."""
     entries: dict[str, Any] = {}
-    for spec in tqdm(_specs(model), desc="export", unit="graph"):
+    for spec in tqdm(graph_specs(model), desc="export", unit="graph"):
         log.info("exporting %s", spec.name)
         t0 = time.time()
         with unet_graphs.exportable_masks(model.unet):
