@@ -4,7 +4,8 @@ Pass 1 records, for every (prompt, step) sample, each layer's per-channel abs-ma
 samples, `activation-aware` greedily picks the sample that most raises the coverage of the full run's
 per-bucket, per-layer, per-channel maxima (a monotone submodular objective, so greedy is within 1 - 1/e
 of the best set); `uniform` spreads samples evenly over steps with prompts in turn (the usual
-timestep-uniform calibration set); `random` draws them with the run's seed. Coverage of a set = mean over
+timestep-uniform calibration set); `random` draws them with the run's seed; `normal` draws timesteps from a
+normal distribution around the trajectory's middle (PTQ4ADM's "Normal" baseline). Coverage of a set = mean over
 (bucket, layer) of the mean over channels of (max over the set) / (max over the full run).
 """
 from __future__ import annotations
@@ -86,6 +87,20 @@ def select_samples(method: str, recorder: SampleRecorder, full: Mapping[str, tor
     budget = min(budget, len(keys))
     if method == "random":
         return sorted(random.Random(seed).sample(keys, budget))
+    if method == "normal":
+        # timesteps drawn from a normal distribution centred on the middle of the trajectory (sd a quarter
+        # of it), prompts at random: the "Normal" intermediate-sampling baseline of PTQ4ADM's Figure 4
+        rng = random.Random(seed)
+        by_step: dict[int, list[tuple[int, int]]] = {}
+        for key in keys:
+            by_step.setdefault(key[1], []).append(key)
+        chosen_n: set[tuple[int, int]] = set()
+        while len(chosen_n) < budget:
+            step = min(steps - 1, max(0, round(rng.gauss((steps - 1) / 2, steps / 4))))
+            free = [k for k in by_step.get(step, []) if k not in chosen_n]
+            if free:
+                chosen_n.add(rng.choice(free))
+        return sorted(chosen_n)
     if method == "uniform":
         chosen: list[tuple[int, int]] = []
         taken = set()

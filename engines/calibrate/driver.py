@@ -32,7 +32,7 @@ from exporter.models import LoadedModel
 from exporter.models.layers import quantizable_linears, transformer_blocks
 
 log = logging.getLogger(__name__)
-SELECTIONS = ("all", "uniform", "random", "activation-aware")
+SELECTIONS = ("all", "uniform", "random", "normal", "activation-aware")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ scheduler's timesteps into equal numbers of steps (`BucketSpec.by_step` over the
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from calibration.collector import ActivationCollector, BucketSpec
 from calibration.observers import outlier_fraction, range_growth
+from calibration.selection import SampleRecorder
 from exporter.errors import InputError
 from exporter.models.unet_layers import quantizable_unet_layers
 from exporter.models.unet_sampling import make_scheduler, sample_latents, torch_conditioning
@@ -42,11 +43,30 @@ class UNetCalibrationSettings:
 
 @dataclass
 class UNetCalibration:
-    """What the UNet passes read: bucket edges in the UNet's `t`, and per layer its [K, C] channel abs-max."""
+    """What the UNet passes read: bucket edges in the UNet's `t`, and per layer its [K, C] channel abs-max.
+    With `record_samples`, also each (prompt, step) sample's channel maxima (`samples`, a SampleRecorder) and
+    the full run's tensors (`full`), from which `from_samples` rebuilds the statistics of a chosen subset."""
 
     edges: tuple[float, ...]
     ch_absmax: dict[str, np.ndarray]
     summary: dict[str, Any]
+    samples: SampleRecorder | None = None
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def from_samples(self, chosen: Sequence[tuple[int, int]]) -> "UNetCalibration":
+        """The statistics a calibration set of only the `chosen` (prompt, step) samples would have given; a bucket
+        no chosen sample falls in takes the set's maxima over all buckets (what a deployment would be left with)."""
+        if self.samples is None:
+            raise ValueError("calibrate with record_samples=True to select samples")
+        k = len(self.edges) - 1
+        out: dict[str, np.ndarray] = {}
+        for name in self.ch_absmax:
+            rows = [[] for _ in range(k)]
+            for key in chosen:
+                rows[self.samples.sample_bucket[key]].append(self.samples.rows[key][name])
+            every = torch.stack([r for b in rows for r in b]).amax(0)
+            out[name] = torch.stack([torch.stack(b).amax(0) if b else every for b in rows]).double().numpy()
+        return UNetCalibration(self.edges, out, {**self.summary, "selected_samples": len(chosen)})
 
 
 def schedule_timesteps(scheduler_config: dict[str, Any], steps: int) -> list[float]:
@@ -63,7 +83,8 @@ def _layers(unet: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def calibrate_unet(model: Any, prompts: Sequence[str], settings: UNetCalibrationSettings) -> UNetCalibration:
+def calibrate_unet(model: Any, prompts: Sequence[str], settings: UNetCalibrationSettings,
+                   record_samples: bool = False) -> UNetCalibration:
     """Run the PyTorch UNet over `prompts` with the collector hooked (see the module docstring)."""
     if not prompts:
         raise InputError("calibration needs at least one prompt")
@@ -80,6 +101,7 @@ def calibrate_unet(model: Any, prompts: Sequence[str], settings: UNetCalibration
         return model.unet(x, t, **unet_kwargs(model.family, cond)).sample
 
     uncond = torch_conditioning(model, [""]) if cfg > 1.0 else None
+    recorder = SampleRecorder(list(layers), buckets, collector) if record_samples else None
     with collector:
         for i, prompt in enumerate(tqdm(list(prompts), desc="calibrate", unit="prompt")):
             sample_latents(model.dims(), model.scheduler_config, unet, torch_conditioning(model, [prompt]), uncond,
@@ -96,4 +118,6 @@ def calibrate_unet(model: Any, prompts: Sequence[str], settings: UNetCalibration
     log.info("calibrated %d UNet layers (%d Conv2d) over %d prompts x %d steps, %d buckets; median range growth "
              "%.2fx, %d layers with >= 1%% outlier channels", len(layers), len(convs), len(prompts), settings.steps,
              settings.buckets, summary["range_growth_median"], summary["layers_with_outliers"])
-    return UNetCalibration(tuple(buckets.edges), ch_absmax, summary)
+    if recorder is not None:
+        recorder.detach()
+    return UNetCalibration(tuple(buckets.edges), ch_absmax, summary, recorder, tensors if record_samples else {})

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "quadit against ModelOpt and ONNX Runtime's quantizer at equal bits, on held-out prompts"),
     "triton-repo": ("triton_repo", "a model repository for a stock tritonserver"),
     "load-test": ("load_test", "loopback load test of a running server (JSON, Markdown, PNG)"),
+    "unet-study": ("unet_study", "seed 002's Conv2d bit-width and calibration-set experiments on the UNet family"),
     "attention-study": ("attention_study", "cost and accuracy of INT8 attention in ONNX Runtime"),
     "tune-ort-session": ("tune_ort_session", "ONNX Runtime session options timed on an export's DiT"),
     "bench-cpu-time": ("bench_cpu_time", "DiT step cost in CPU seconds, one thread per candidate"),

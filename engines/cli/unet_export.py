@@ -52,7 +52,7 @@ def export_unet(args: argparse.Namespace) -> int:
     if quant is not None:
         from engines.evaluation.unet_report import unet_quant_stages
 
-        stages = unet_quant_stages(model, quant, ort_baseline=True)
+        stages = unet_quant_stages(model, quant, ort_baseline=True, modelopt=not args.no_modelopt)
     manifest = export_unet_model(model, Path(args.out), options, stages)
     out = Path(args.out).resolve()
     for name, graph in manifest["graphs"].items():

@@ -50,9 +50,10 @@ def build_config(dit: nn.Module, scheme: str, quantizable: Iterable[str]) -> tup
     name = MODELOPT_CONFIGS[scheme]
     cfg = copy.deepcopy(getattr(mtq, name))
     keep = set(quantizable)
-    unknown = keep - {n for n, m in dit.named_modules() if isinstance(m, nn.Linear)}
+    # a DiT quantizes Linears; a UNet (issue 21) its Conv2d layers too
+    unknown = keep - {n for n, m in dit.named_modules() if isinstance(m, (nn.Linear, *_CONV_TYPES))}
     if unknown:
-        raise InputError(f"quantizable names are not Linears of the DiT: {', '.join(sorted(unknown)[:5])}")
+        raise InputError(f"quantizable names are not Linear/Conv layers of the model: {', '.join(sorted(unknown)[:5])}")
     excluded = [n for n, m in dit.named_modules()
                 if isinstance(m, (nn.Linear, *_CONV_TYPES)) and n not in keep]
     cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [

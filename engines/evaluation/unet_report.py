@@ -8,9 +8,10 @@ and measure it, on held-out prompts, against the FP32 graph the export just chec
 - final-latent SNR: the whole scheduler loop run with each graph from the same noise (what accumulates);
 - audio SNR: both final latents decoded by the FP32 VAE and vocoder graphs (what the user hears).
 
-Peers at equal bits in the same table: ONNX Runtime's `quantize_static` (QDQ, per-channel symmetric INT8
-weights, per-tensor INT8 activations, MinMax over the calibration prompts' UNet feeds) on the same Conv/MatMul
-nodes, and for the TensorRT target the unquantized FP16 base graph (what FP16 alone costs).
+Peers at equal bits in the same table, on the same Conv2d/Linear layers: ONNX Runtime's `quantize_static` (QDQ,
+per-channel symmetric INT8 weights, per-tensor INT8 activations, MinMax over the calibration prompts' UNet
+feeds), ModelOpt's INT8_SMOOTHQUANT_CFG (`modelopt_peer`; `--no-modelopt` leaves it out), and for the TensorRT
+target the unquantized FP16 base graph (what FP16 alone costs).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ HELDOUT_SEED = 1234
 Stage = Callable[[Path, dict[str, Any]], None]
 
 
-class _Recorder:
+class FeedRecorder:
     """A UNet call that answers with `graph` and keeps every feed it was given."""
 
     def __init__(self, graph: Any) -> None:
@@ -52,7 +53,24 @@ class _Recorder:
         return torch.from_numpy(self.graph.run(["noise_pred"], feed)[0])
 
 
-class _Bed:
+class TorchUNetSession:
+    """A PyTorch UNet (ModelOpt's fake-quantized copy) answering like an ONNX Runtime session of unet.onnx."""
+
+    def __init__(self, family: str, unet: torch.nn.Module) -> None:
+        self.family, self.unet = family, unet
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        from exporter.models.unet_text import unet_kwargs
+
+        with torch.no_grad():
+            return self.unet(x, t, **unet_kwargs(self.family, cond)).sample
+
+    def run(self, _names: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        cond = {k: torch.from_numpy(v) for k, v in feed.items() if k not in ("sample", "timestep")}
+        return [self(torch.from_numpy(feed["sample"]), torch.from_numpy(feed["timestep"]), cond).numpy()]
+
+
+class ReportBed:
     """The export's FP32 text, VAE and vocoder sessions and the loop settings of the report."""
 
     def __init__(self, tmp: Path, manifest: dict[str, Any], steps: int, seconds: float) -> None:
@@ -81,19 +99,19 @@ class _Bed:
         return self.sessions["vocoder"].run(["waveform"], {"mel": mel[:, 0]})[0]
 
 
-def measure(bed: _Bed, reference: Any, candidates: dict[str, Any], prompts: Sequence[str]) -> list[dict[str, Any]]:
+def measure(bed: ReportBed, reference: Any, candidates: dict[str, Any], prompts: Sequence[str]) -> list[dict[str, Any]]:
     """One row per candidate session: step SQNR, final-latent SNR and audio SNR against `reference` (dB,
     means over `prompts`; see the module docstring)."""
     rows = {name: {"candidate": name, "step_sqnr": [], "latent_snr": [], "audio_snr": []} for name in candidates}
     for i, prompt in enumerate(prompts):
         seed = HELDOUT_SEED + i
-        ref_call = _Recorder(reference)
+        ref_call = FeedRecorder(reference)
         ref_latents = bed.latents(ref_call, prompt, seed)
         ref_audio = bed.audio(ref_latents)
         for name, session in candidates.items():
             steps = [sqnr_db(reference.run(["noise_pred"], f)[0], session.run(["noise_pred"], f)[0])
                      for f in ref_call.feeds]
-            latents = bed.latents(_Recorder(session), prompt, seed)
+            latents = bed.latents(FeedRecorder(session), prompt, seed)
             row = rows[name]
             row["step_sqnr"].append(float(np.mean(steps)))
             row["latent_snr"].append(sqnr_db(ref_latents.numpy(), latents.numpy()))
@@ -108,11 +126,11 @@ def measure(bed: _Bed, reference: Any, candidates: dict[str, Any], prompts: Sequ
     return out
 
 
-def calibration_feeds(bed: _Bed, reference: Any, prompts: Sequence[str], seed: int) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(bed: ReportBed, reference: Any, prompts: Sequence[str], seed: int) -> list[dict[str, np.ndarray]]:
     """The FP32 UNet's feeds over the calibration prompts (ONNX Runtime's calibrator reads these)."""
     feeds: list[dict[str, np.ndarray]] = []
     for i, prompt in enumerate(prompts):
-        rec = _Recorder(reference)
+        rec = FeedRecorder(reference)
         bed.latents(rec, prompt, seed + i)
         feeds.extend(rec.feeds)
     return feeds
@@ -145,6 +163,22 @@ def ort_peer(fp32: Path, layers: Sequence[str], feeds: Sequence[dict[str, np.nda
             "nodes": len(nodes), "calibration_feeds": len(feeds)}
 
 
+def modelopt_peer(model: Any, layers: Sequence[str], bed: "ReportBed", prompts: Sequence[str], seed: int
+                  ) -> tuple[TorchUNetSession, dict[str, Any]]:
+    """ModelOpt's INT8_SMOOTHQUANT_CFG on the same Conv2d/Linear layers (its diffusers example's recipe:
+    INT8 per-channel weights, per-tensor activations; SmoothQuant on the Linears), calibrated by the PyTorch
+    UNet under the same scheduler loop and prompts; fake-quantized, so it runs on the CPU."""
+    from engines.evaluation.modelopt_baseline import modelopt_quantize
+
+    def forward_loop(unet: torch.nn.Module) -> None:
+        for i, prompt in enumerate(prompts):
+            bed.latents(TorchUNetSession(model.family, unet), prompt, seed + i)
+
+    unet, info = modelopt_quantize(model.unet, "w8a8", forward_loop, layers)
+    info.pop("layers", None)
+    return TorchUNetSession(model.family, unet), info
+
+
 def markdown(rows: Sequence[dict[str, Any]], context: dict[str, Any]) -> str:
     lines = [f"# UNet accuracy against FP32 ({context['model']}, {context['target']} target)", "",
              f"{context['prompts']} held-out prompts, {context['steps']} steps, {context['seconds']} s; dB, higher is "
@@ -154,7 +188,8 @@ def markdown(rows: Sequence[dict[str, Any]], context: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def unet_quant_stages(model: Any, options: UNetQuantOptions, ort_baseline: bool = True) -> list[Stage]:
+def unet_quant_stages(model: Any, options: UNetQuantOptions, ort_baseline: bool = True,
+                      modelopt: bool = True) -> list[Stage]:
     """The stage that quantizes `unet.onnx` and writes report.json / report.md (see the module docstring)."""
     dims = model.dims()
     seconds = {k: float(v if v is not None else dims["default_seconds"])
@@ -187,21 +222,21 @@ def unet_quant_stages(model: Any, options: UNetQuantOptions, ort_baseline: bool 
             onnx.save(quantized, str(q_path))
             write_quantized_unet(quantized, record, tmp, manifest, options, calibration.summary)
             if report_prompts:
-                _report(tmp, manifest, fp32, base, q_path, layers, calib_prompts, report_prompts, options,
-                        seconds["report"], ort_baseline, scratch)
+                _report(model, tmp, manifest, fp32, base, q_path, layers, calib_prompts, report_prompts, options,
+                        seconds["report"], ort_baseline, modelopt, scratch)
 
     return [stage]
 
 
-def _report(tmp: Path, manifest: dict[str, Any], fp32: Path, base: Path, q_path: Path, layers: Sequence[str],
-            calib_prompts: Sequence[str], prompts: Sequence[str], options: UNetQuantOptions, seconds: float,
-            ort_baseline: bool, scratch: Path) -> None:
-    bed = _Bed(tmp, manifest, options.report_steps, seconds)
+def _report(model: Any, tmp: Path, manifest: dict[str, Any], fp32: Path, base: Path, q_path: Path,
+            layers: Sequence[str], calib_prompts: Sequence[str], prompts: Sequence[str], options: UNetQuantOptions,
+            seconds: float, ort_baseline: bool, modelopt: bool, scratch: Path) -> None:
+    bed = ReportBed(tmp, manifest, options.report_steps, seconds)
     reference = ort_session(fp32)
     candidates = {f"quadit {options.scheme} ({options.method})": ort_session(q_path)}
     if base != fp32:
         candidates["FP16 base (unquantized)"] = ort_session(base)
-    peer = None
+    peer = modelopt_info = None
     if ort_baseline:
         feeds = calibration_feeds(bed, reference, calib_prompts[:max(1, min(4, len(calib_prompts)))], seed=0)
         peer = ort_peer(fp32, layers, feeds, scratch / "unet.ortq.onnx")
@@ -210,10 +245,15 @@ def _report(tmp: Path, manifest: dict[str, Any], fp32: Path, base: Path, q_path:
         # and the session refuses the graph ("output_dtype INT8 does not match y_zero_point type UINT8")
         candidates["ONNX Runtime quantize_static w8a8"] = ort_session(scratch / "unet.ortq.onnx",
                                                                       {"graph_optimization_level": "basic"})
+    if modelopt:
+        calib = list(calib_prompts[:max(1, min(4, len(calib_prompts)))])
+        candidates["ModelOpt INT8_SMOOTHQUANT_CFG (PyTorch fake quant)"], modelopt_info = modelopt_peer(
+            model, layers, bed, calib, seed=0)
     rows = measure(bed, reference, candidates, prompts)
     context = {"model": manifest["model"].get("model"), "target": options.target, "prompts": len(prompts),
                "steps": options.report_steps, "seconds": seconds, "heldout_prompts": list(prompts),
-               "reference": "FP32 unet.onnx (parity-checked against diffusers)", "ort_peer": peer}
+               "reference": "FP32 unet.onnx (parity-checked against diffusers)", "ort_peer": peer,
+               "modelopt_peer": modelopt_info}
     (tmp / "report.json").write_text(json.dumps({"rows": rows, "context": context}, indent=2) + "\n")
     (tmp / "report.md").write_text(markdown(rows, context))
     ours = rows[0]

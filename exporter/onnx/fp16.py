@@ -80,16 +80,14 @@ def fp16_unet(unet: nn.Module) -> nn.Module:
     strongly typed graph (the UNet analogue of `fp16_dit`):
     - GroupNorm and LayerNorm: mean/variance over C/G x H x W values with 20-80x outlier channels lose
       digits in FP16 (the same reason as the DiT's LayerNorm); computed in FP32 and cast back.
-    - The timestep MLP (`time_embedding`): diffusers casts the sinusoidal features to the UNet's dtype before
-      it; run it in FP32 and cast its output to FP16 where it joins the stream.
-    Convolutions, Linears and attention (Q.K^T -> Softmax -> .V, what TensorRT fuses) stay FP16."""
+    Everything else is FP16 as diffusers' own FP16 pipelines run it: convolutions, Linears, attention
+    (Q.K^T -> Softmax -> .V, what TensorRT fuses) and the timestep MLP (its input is the sinusoidal features,
+    bounded by 1, which diffusers casts to the UNet's dtype; unlike the DiT's, whose Fourier features are FP32
+    for the angle products), so no GEMM or convolution of the graph runs in FP32."""
     half = copy.deepcopy(unet).half()
     for module in half.modules():
         if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
             module.float()
             module.register_forward_pre_hook(_cast_inputs(torch.float32))
             module.register_forward_hook(_cast_output(torch.float16))
-    half.time_embedding.float()
-    half.time_embedding.register_forward_pre_hook(_cast_inputs(torch.float32))
-    half.time_embedding.register_forward_hook(_cast_output(torch.float16))
     return half

@@ -110,11 +110,13 @@ def _broadcast(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def int8_weight(w: np.ndarray, n_axis: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """INT8 per output channel (symmetric): (codes like `w`, scale [N] in `dtype`)."""
+def int8_weight(w: np.ndarray, n_axis: int, dtype: type, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per output channel on 2^(bits-1) - 1 levels each side (INT8 codes hold any bits <= 8: the
+    bit-width studies use that): (codes like `w`, scale [N] in `dtype`)."""
+    qmax = float(2 ** (bits - 1) - 1)
     absmax = np.abs(np.moveaxis(w, n_axis, 0).reshape(w.shape[n_axis], -1)).max(axis=1)
-    scale = qdq.positive_scale(np.maximum(absmax.astype(np.float64) / 127.0, 1e-12), dtype)
-    codes = np.clip(np.rint(w / _broadcast(scale.astype(np.float64), w.ndim, n_axis)), -127, 127).astype(np.int8)
+    scale = qdq.positive_scale(np.maximum(absmax.astype(np.float64) / qmax, 1e-12), dtype)
+    codes = np.clip(np.rint(w / _broadcast(scale.astype(np.float64), w.ndim, n_axis)), -qmax, qmax).astype(np.int8)
     return codes, scale
 
 

@@ -15,7 +15,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
 from calibration.artifact import sha256_file
 from exporter.errors import InputError
@@ -59,18 +58,15 @@ class UNetQuantOptions:
                 raise InputError(f"{name} must be an integer >= {least}, got {value}")
 
 
-class _FP16Boundary(nn.Module):
+class FP16UNetGraph(unet_graphs.UNetGraph):
     """The FP16 UNet behind the graph's float32 interface (inputs cast in, `noise_pred` cast out); the
-    timestep stays float32 (its sinusoidal features are computed in FP32 by diffusers)."""
-
-    def __init__(self, graph: nn.Module) -> None:
-        super().__init__()
-        self.graph = graph
+    timestep stays float32 (diffusers computes its sinusoidal features in FP32). A subclass, not a wrapper,
+    so the module scopes stay `unet.*` (what `locate_sites` matches)."""
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
                 cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = cond_mask.half() if cond_mask is not None else None
-        return self.graph(sample.half(), timestep, cond.half(), mask).float()
+        return super().forward(sample.half(), timestep, cond.half(), mask).float()
 
 
 def export_fp16_unet(model: Any, path: Path) -> dict[str, Any]:
@@ -79,7 +75,7 @@ def export_fp16_unet(model: Any, path: Path) -> dict[str, Any]:
     from exporter.stages.unet_export import unet_spec
 
     half = fp16_unet(model.unet)
-    module = _FP16Boundary(unet_graphs.UNetGraph(model.family, half)).eval()
+    module = FP16UNetGraph(model.family, half).eval()
     log.info("exporting the FP16 UNet graph the TensorRT target quantizes")
     with unet_graphs.exportable_masks(half):
         return torch_export.export_graph(unet_spec(model, module), Path(path))

@@ -21,6 +21,7 @@ an attention MatMul or a Softmax in FP32, an INT4 DQ that outputs FP32, and a Ca
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -111,6 +112,11 @@ def _light_copy(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.ModelProto
         v.CopyFrom(inp)
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param:
+                # a dim torch.export constrained to a multiple is named "<k>*<label>_over_<k>" (GraphSpec.dim_ranges:
+                # the UNet's frames): its value is the label's
+                multiple = re.fullmatch(r"(\d+)\*(\w+)_over_\1", d.dim_param)
+                if multiple and multiple.group(2) in dims and d.dim_param not in dims:
+                    dims = {**dims, d.dim_param: dims[multiple.group(2)]}
                 if d.dim_param not in dims:
                     raise ValueError(f"input {v.name} has dynamic dim '{d.dim_param}'; give it a value "
                                      f"(known: {', '.join(dims)})")
