@@ -54,11 +54,31 @@ def build_config(dit: nn.Module, scheme: str, quantizable: Iterable[str]) -> tup
     unknown = keep - {n for n, m in dit.named_modules() if isinstance(m, (nn.Linear, *_CONV_TYPES))}
     if unknown:
         raise InputError(f"quantizable names are not Linear/Conv layers of the model: {', '.join(sorted(unknown)[:5])}")
+    # every other leaf module is excluded: the Linears/Convs quadit keeps float, and any leaf ModelOpt would
+    # otherwise give an input quantizer of its own (nn.LayerNorm in diffusers' transformer blocks)
     excluded = [n for n, m in dit.named_modules()
-                if isinstance(m, (nn.Linear, *_CONV_TYPES)) and n not in keep]
-    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [
+                if n and n not in keep and (isinstance(m, (nn.Linear, *_CONV_TYPES)) or not any(m.children()))]
+    # and every quantizable layer gets the preset's weight and input quantizers back where one of the preset's
+    # LLM-oriented name rules disabled them ('*proj_out.*': a diffusers transformer block's output projection)
+    presets = {e["quantizer_name"]: e for e in cfg["quant_cfg"] if isinstance(e, dict) and "cfg" in e}
+    restored = [{"quantizer_name": f"{_glob_escape(n)}.{kind}", "cfg": copy.deepcopy(presets[f"*{kind}"]["cfg"])}
+                for n in sorted(keep) for kind in ("weight_quantizer", "input_quantizer")
+                if f"*{kind}" in presets and _disabled_by_preset(cfg["quant_cfg"], f"{n}.{kind}")]
+    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + restored + [
         {"quantizer_name": f"{_glob_escape(n)}.*", "enable": False} for n in excluded]
     return name, cfg
+
+
+def _disabled_by_preset(entries: Iterable[Any], quantizer: str) -> bool:
+    """Whether the preset's last name rule matching `quantizer` (besides the leading '*' disable) disables it."""
+    import fnmatch
+
+    state = None
+    for e in entries:
+        if isinstance(e, dict) and "parent_class" not in e and e.get("quantizer_name") != "*" and \
+                fnmatch.fnmatch(quantizer, e.get("quantizer_name", "")):
+            state = e.get("enable", True)
+    return state is False
 
 
 def enabled_quantized_layers(model: nn.Module) -> list[str]:
