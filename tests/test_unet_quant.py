@@ -161,6 +161,11 @@ def test_audioldm_w8a8_report_beats_onnx_runtime_quantizer(tmp_path):
     assert ours["latent_snr_db"] > peer["latent_snr_db"] + 5.0, (ours, peer)
     assert report["context"]["ort_peer"]["nodes"] == json.loads((out / "manifest.json").read_text())[
         "graphs"]["unet"]["quantization"]["layers"]
+    check = run_script("check.py", "--export", str(out))
+    assert check.returncode == 0, check.stderr[-3000:]
+    unet = next(c for c in json.loads((out / "check_report.json").read_text())["comparisons"] if c["graph"] == "unet")
+    assert unet["candidate"] == "w8a8-onnxrt" and unet["status"] == "passed"
+    assert unet["mean_sqnr_db"] >= unet["min_sqnr_db"] == 15.0 and unet["mean_cosine"] >= 0.98, unet
     wav = tmp_path / "out.wav"
     gen = run_script("generate.py", "--export", str(out), "--prompt", "a dog barking", "--seconds", "2",
                      "--out", str(wav))

@@ -11,8 +11,9 @@ export's parity check did not see:
 - `random`: the export's parity cases (batch 1 and 3, other lengths, a padded TANGO mask) drawn with another seed.
 
 A graph passes when max|onnx - torch| / max|torch| over all its inputs is within the export's FP32 tolerance
-(the manifest's `parity.tolerance`); the lowest SQNR and cosine are reported beside it. A graph that is not
-FP32 (a quantized UNet) is skipped with its reason: its accuracy is the export's report.
+(the manifest's `parity.tolerance`); the lowest SQNR and cosine are reported beside it. A quantized graph (the
+UNet of a w8a8 export) passes when its mean SQNR and cosine against the FP32 module reach the scheme's
+thresholds (`exporter.passes.recipe.DEFAULT_CHECK`, the DiT check's), on the same inputs.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engines.evaluation.accuracy import cosine, heldout_prompts, sqnr_db
@@ -79,8 +81,11 @@ def _worst(errors: list[dict[str, float]]) -> dict[str, float]:
 
 @torch.no_grad()
 def compare_graph(session: Any, module: torch.nn.Module, input_names: list[str],
-                  cases: list[tuple[str, tuple[torch.Tensor, ...]]], tolerance: float) -> dict[str, Any]:
-    """ONNX Runtime against the PyTorch module on every (source, inputs) case; the worst figures decide."""
+                  cases: list[tuple[str, tuple[torch.Tensor, ...]]], tolerance: float,
+                  thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """ONNX Runtime against the PyTorch module on every (source, inputs) case. An FP32 graph: the worst relative
+    error decides. A quantized one (`thresholds`): the mean SQNR and cosine over the cases, as the DiT's check
+    (the scheme's `Recipe.check_thresholds()`), and no NaN."""
     from exporter.onnx.torch_export import relative_error
 
     rows = []
@@ -96,6 +101,15 @@ def compare_graph(session: Any, module: torch.nn.Module, input_names: list[str],
                            "cosine": cosine(r, out)})
         rows.append({"source": source, "shape": list(case[0].shape), **_worst(errors)})
     worst = _worst(rows)
+    if thresholds is not None:
+        mean_sqnr = float(np.mean([r["sqnr_db"] for r in rows]))
+        mean_cos = float(np.mean([r["cosine"] for r in rows]))
+        passed = bool(mean_sqnr >= thresholds["min_sqnr_db"] and mean_cos >= thresholds["min_cosine"])  # NaN fails
+        return {"inputs": len(rows), **worst, "mean_sqnr_db": mean_sqnr, "mean_cosine": mean_cos, **thresholds,
+                "status": "passed" if passed else "failed",
+                "failures": [] if passed else [f"mean SQNR {mean_sqnr:.2f} dB (min {thresholds['min_sqnr_db']}), "
+                                               f"cosine {mean_cos:.5f} (min {thresholds['min_cosine']})"],
+                "cases": rows}
     passed = bool(worst["max_rel_error"] <= tolerance)  # False on NaN
     return {"inputs": len(rows), **worst, "tolerance": tolerance, "status": "passed" if passed else "failed",
             "failures": [] if passed else [f"max relative error {worst['max_rel_error']:.2e} exceeds {tolerance:.0e}"],
@@ -136,21 +150,25 @@ def run_unet_checks(export_dir: Path, device: str = "cpu", settings: UNetCheckSe
         if entry is None:
             raise InputError(f"{export_dir}: the manifest lists no {spec.name} graph")
         precision = entry.get("precision", "fp32")
+        thresholds = None
         if precision != "fp32":
-            comparisons.append({**base, "candidate": f"{precision}-onnxrt", "status": "skipped",
-                                "reason": f"a {precision} graph is not compared at the FP32 tolerance (see the "
-                                          "export's report)"})
-            continue
+            from exporter.passes.recipe import DEFAULT_CHECK
+
+            sqnr, cos = DEFAULT_CHECK[precision]
+            thresholds = {"min_sqnr_db": sqnr, "min_cosine": cos}
         sess = session(export_dir / entry["file"], entry.get("ort_session_config"), device)
         cases = [("sampler", c) for c in sampled[spec.name]] + \
                 [("random", c) for c in parity_cases(model, spec, random_seed)]
         log.info("comparing %s on %d input(s)", spec.name, len(cases))
-        comparisons.append({**base, "candidate": "fp32-onnxrt", "device": device, "providers": session_providers(sess),
-                            **compare_graph(sess, modules[spec.name], list(spec.input_names), cases, tolerance)})
+        comparisons.append({**base, "candidate": f"{precision}-onnxrt", "device": device,
+                            "providers": session_providers(sess),
+                            **compare_graph(sess, modules[spec.name], list(spec.input_names), cases, tolerance,
+                                            thresholds)})
     report = json_safe({
         "schema_version": SCHEMA, "kind": "quadit-check", "family": "unet", "export": str(export_dir.resolve()),
         "scheme": manifest.get("scheme", "fp32"), "model": manifest["model"], "tolerance": tolerance,
-        "rule": "max|onnx - torch| / max|torch| over every input of a graph <= the export's FP32 tolerance",
+        "rule": "FP32 graphs: max|onnx - torch| / max|torch| over every input <= the export's FP32 tolerance; "
+                "quantized graphs: mean SQNR and cosine against the FP32 module >= the scheme's thresholds",
         "reference": {"runner": REFERENCE, "source": "the PyTorch modules rebuilt from the manifest's identity"},
         "settings": {**asdict(settings), "cfg_scale": cfg_scale, "random_seed": random_seed},
         "comparisons": comparisons, "passed": all(c["status"] != "failed" for c in comparisons)})
