@@ -14,8 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", help="calibration artifact of this model (required unless --predict)")
     parser.add_argument("--predict", action="store_true",
                         help="print the roofline PREDICTION of TensorRT FP16/w8a8/w4a16 engines per GPU from the "
-                             "graphs' precision maps instead of timing (nothing is run)")
-    parser.add_argument("--lengths", default="256,1024", help="latent lengths")
+                             "graphs' precision maps instead of timing (nothing is run; a UNet-family model: its "
+                             "FP16 and w8a8 UNet)")
+    parser.add_argument("--lengths", default=None,
+                        help=f"latent lengths (default {bench.DIT_LENGTHS}; a UNet-family model with --predict: latent "
+                             "frames, default those of its default and longest lengths)")
     parser.add_argument("--candidates", default=",".join(bench.CANDIDATES), help="quantized ORT candidates to time")
     parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch eager on the CPU")
     parser.add_argument("--gpu", choices=("auto", "off"), default="auto",

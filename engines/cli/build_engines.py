@@ -1,5 +1,7 @@
 """Build TensorRT engines for an export directory: one strongly typed engine per DiT graph (per timestep
-bucket where the export has bucket graphs), the text encoder and the VAE decoder, plus engines.json.
+bucket where the export has bucket graphs), the text encoder and the VAE decoder, plus engines.json; for a
+UNet-family export (AudioLDM, TANGO), the text encoder, UNet, VAE decoder and vocoder. Every graph is checked
+against TensorRT's rules and its profiles first.
 
 Without TensorRT or a CUDA GPU it prints the equivalent `polygraphy convert` commands (to build elsewhere)
 and exits with code 2, creating nothing."""
@@ -23,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="engines directory to write (replaced atomically)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="shortest audio the engines run (default 1)")
     parser.add_argument("--opt-seconds", type=float, default=None,
-                        help="duration TensorRT tunes its kernels for (default: --max-seconds)")
+                        help="duration TensorRT tunes its kernels for (default: --max-seconds; UNet family: "
+                             "the model's default length)")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="longest audio the engines run (default: the model's window)")
+                        help="longest audio the engines run (default: the model's window; UNet family: its "
+                             "max_seconds)")
     parser.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to read and update")
     parser.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
     parser.add_argument("--no-tf32", action="store_true",
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         BuildSettings,
         build_engines,
         build_plan,
-        check_parsable,
+        check_graphs,
         check_timing_cache,
         polygraphy_convert_command,
         tensorrt_unavailable,
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     export, out = Path(args.export), Path(args.out)
     manifest = read_manifest(export)
     items = build_plan(export, manifest)
-    check_parsable(export, items)
+    check_graphs(export, items, manifest, settings)
     check_timing_cache(args.timing_cache)
     reason = tensorrt_unavailable()
     if reason:

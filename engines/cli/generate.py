@@ -90,7 +90,8 @@ def _generate_unet(args: argparse.Namespace) -> int:
     from exporter.onnx.artifacts import read_manifest
 
     manifest = read_manifest(Path(args.export))
-    pipeline = open_unet_pipeline(Path(args.export), manifest, args.backend, args.device)
+    pipeline = open_unet_pipeline(Path(args.export), manifest, args.backend, args.device,
+                                  Path(args.engines) if args.engines else None)
     defaults, dims = manifest["sampler_defaults"], manifest["dims"]
     seconds = args.seconds if args.seconds is not None else min(DEFAULT_SECONDS, float(dims["default_seconds"]))
     opts = UNetGenerateOptions(prompt=args.prompt, seconds=seconds, seed=args.seed,

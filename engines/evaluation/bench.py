@@ -44,6 +44,7 @@ CANDIDATES = {
 TRT_CANDIDATES = {"tensorrt fp16": ("fp16", None), "tensorrt w8a8": ("w8a8", "shared"),
                   "tensorrt w4a16": ("w4a16", "shared")}
 BASELINES = {"cpu": "ort fp32", "cuda": "torch eager fp16 (cuda)"}
+DIT_LENGTHS = "256,1024"  # --lengths default of the DiT family (latents)
 # the CPU denominators every CPU row is also compared with: ORT FP32 as exported, ORT FP32 with the fusions
 # the quantized ORT-target graphs get (the honest baseline), PyTorch eager FP32 (a user's default)
 FUSED_FP32 = "ort fp32 (fused)"
@@ -322,11 +323,31 @@ def execute(args: argparse.Namespace) -> int:
     from engines.runtime.tensorrt import tensorrt_unavailable
     from exporter.errors import InputError
     from exporter.models import load_model
+    from exporter.models.cli_args import unet_requested
     from exporter.onnx.artifacts import atomic_dir, write_manifest
     from exporter.passes.recipe import ROUND_TO_NEAREST, Recipe
     from exporter.stages.export import ExportOptions, export_model
     from exporter.stages.quantized import QuantizeOptions, quantize_stage, read_calibration
 
+    if unet_requested(args):
+        if not args.predict:
+            raise InputError("bench times the DiT family; for a UNet-family model use --predict (the TensorRT "
+                             "prediction of its FP16 and w8a8 UNet)")
+        if args.calibration:
+            raise InputError("--calibration is for the DiT family: the UNet prediction reads only the graphs' "
+                             "structure, which does not depend on calibrated values")
+        from engines.evaluation.bench_predict import predict_unet_main
+        from exporter.models.cli_args import unet_model_name
+        from exporter.models.unet_audio import load_unet_model
+
+        try:
+            frames = [int(v) for v in args.lengths.split(",")] if args.lengths else None
+        except ValueError:
+            raise InputError(f"--lengths {args.lengths!r} is not a comma-separated list of latent frames") from None
+        model = load_unet_model(unet_model_name(args), args.checkpoint, args.synthetic_weights, args.seed)
+        predict_unet_main(model, frames, Path(args.out))
+        return 0
+    args.lengths = args.lengths or DIT_LENGTHS
     if args.predict:
         from engines.evaluation.bench_predict import predict_main
 

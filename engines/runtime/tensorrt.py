@@ -5,7 +5,8 @@ builder flags: the graph's own types decide precision. An export made with `--ta
 text encoder and VAE graphs (with transformers' FP32 island in T5's feed-forward), so their engines are FP16;
 an `onnxruntime`-target export's are FP32 and build as FP32 engines.
 One optimisation profile per CFG batch size (2: cond+uncond, 1: cfg_scale 1), the latent
-length the only dynamic dimension: a batch range would tune kernels for one batch only. An engine runs only on
+length the only dynamic dimension: a batch range would tune kernels for one batch only (a UNet export takes one
+profile over batch 1..2 tuned for 2: engines/runtime/unet_tensorrt.py). An engine runs only on
 the TensorRT version and GPU (compute capability) it was built on and is right only for its source ONNX:
 `engines.json` records all three and loading refuses a mismatch. The number conditioners stay on ONNX Runtime:
 a few hundred FLOPs once per generation, where an engine adds a build and a device round trip for nothing.
@@ -47,7 +48,9 @@ ProfileSpec = dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
 class BuildSettings:
     """How to build: a latent-length range from seconds, CFG batch profiles, builder effort, timing cache.
 
-    `opt_seconds` None means `max_seconds`; `max_seconds` None means the model's window (`sample_size`).
+    `opt_seconds` None means `max_seconds`; `max_seconds` None means the model's window (`sample_size`). A UNet
+    export (engines/runtime/unet_tensorrt.py): `opt_seconds` None means the model's `default_seconds`, `max_seconds`
+    None its `max_seconds`, and `batch_sizes` make one profile over min..max batch, tuned for the largest.
     TensorRT tunes kernels for the opt shape and refuses shapes outside [min, max] at run time.
     `tf32`: the layers a strongly typed graph keeps in FP32 (the timestep MLP, LayerNorm islands) may use
     TF32 tensor cores. TensorRT's own default is on, but Polygraphy's `CreateConfig` defaults `tf32=False`
@@ -96,7 +99,12 @@ def latent_lengths(manifest: Mapping[str, Any], settings: BuildSettings) -> tupl
 
 
 def graph_profiles(manifest: Mapping[str, Any], graph: str, settings: BuildSettings) -> list[ProfileSpec]:
-    """Optimisation profiles of one graph ('dit', 'text_encoder' or 'vae_decoder')."""
+    """Optimisation profiles of one graph ('dit', 'text_encoder' or 'vae_decoder'; a UNet export's graphs:
+    `engines.runtime.unet_tensorrt.unet_graph_profiles`)."""
+    from engines.runtime.unet_tensorrt import is_unet, unet_graph_profiles
+
+    if is_unet(manifest):
+        return unet_graph_profiles(manifest, graph, settings)
     dims, lo_hi = manifest["dims"], latent_lengths(manifest, settings)
     c = dims["io_channels"]
     if graph == "dit":
@@ -125,7 +133,12 @@ class BuildItem:
 
 
 def build_plan(export_dir: Path, manifest: Mapping[str, Any]) -> list[BuildItem]:
-    """One engine per DiT graph (per timestep bucket when the export has bucket graphs), text encoder, VAE."""
+    """One engine per DiT graph (per timestep bucket when the export has bucket graphs), text encoder, VAE; a
+    UNet export: one per graph (`engines.runtime.unet_tensorrt.unet_build_plan`)."""
+    from engines.runtime.unet_tensorrt import is_unet, unet_build_plan
+
+    if is_unet(manifest):
+        return unet_build_plan(export_dir, manifest)
     graphs = manifest["graphs"]
     missing = [g for g in ("dit", *ENGINE_GRAPHS) if g not in graphs]
     if missing:
@@ -150,16 +163,63 @@ def build_plan(export_dir: Path, manifest: Mapping[str, Any]) -> list[BuildItem]
 
 def check_parsable(export_dir: Path, items: Sequence[BuildItem]) -> None:
     """Refuse graphs with ops the TensorRT ONNX parser cannot read (dynamic-quant and ORT contrib ops)."""
-    import onnx
+    for item in items:
+        _refuse_unparsable(_load_for_checks(Path(export_dir) / item.onnx), item)
+
+
+def check_graphs(export_dir: Path, items: Sequence[BuildItem], manifest: Mapping[str, Any],
+                 settings: BuildSettings) -> None:
+    """Everything about the graphs that can fail a build, refused (one line) before any engine is built: ops the
+    parser cannot read, TensorRT's Q/DQ rules (`exporter.tensorrt.checker`, ARCHITECTURE.md section 3), and each
+    optimisation profile against its graph's inputs (every dynamic input named, ranks and static dims as the graph
+    has them: TensorRT refuses a profile that contradicts the network)."""
+    from exporter.tensorrt.checker import check_graph
 
     for item in items:
-        model = onnx.load(str(Path(export_dir) / item.onnx), load_external_data=False)
-        nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-        bad = sorted({n.op_type for n in nodes if n.op_type in TRT_UNPARSABLE or n.op_type.startswith("QLinear")
-                      or n.domain == "com.microsoft"})
-        if bad:
-            raise InputError(f"{item.onnx} uses {', '.join(bad)}, which TensorRT cannot run: "
-                             "export with --target tensorrt (fp16/fp32, static w8a8 or w4a16)")
+        model = _load_for_checks(Path(export_dir) / item.onnx)
+        _refuse_unparsable(model, item)
+        if problems := check_graph(model):
+            raise InputError(f"{item.onnx} breaks {len(problems)} TensorRT rule(s), first: {problems[0]}")
+        _check_profiles_fit(model, item, graph_profiles(manifest, item.graph, settings))
+
+
+def _load_for_checks(path: Path) -> Any:
+    """The graph without its weights, except the Q/DQ scales and zero points (the checker reads their values)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    qdq_inputs = {i for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
+    for tensor in model.graph.initializer:
+        if tensor.name in qdq_inputs and uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(path.parent))
+    return model
+
+
+def _refuse_unparsable(model: Any, item: BuildItem) -> None:
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    bad = sorted({n.op_type for n in nodes if n.op_type in TRT_UNPARSABLE or n.op_type.startswith("QLinear")
+                  or n.domain == "com.microsoft"})
+    if bad:
+        raise InputError(f"{item.onnx} uses {', '.join(bad)}, which TensorRT cannot run: "
+                         "export with --target tensorrt (fp16/fp32, static w8a8 or w4a16)")
+
+
+def _check_profiles_fit(model: Any, item: BuildItem, profiles: Sequence[ProfileSpec]) -> None:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in model.graph.input if v.name not in initializers}
+    for profile in profiles:
+        if missing := sorted(n for n, dims in inputs.items() if n not in profile and None in dims):
+            raise InputError(f"{item.onnx}: no profile shape for dynamic input(s) {', '.join(missing)}")
+        for name, shapes in profile.items():
+            if name not in inputs:
+                raise InputError(f"{item.onnx} has no input '{name}' (inputs: {', '.join(inputs)})")
+            dims = inputs[name]
+            for shape in shapes:
+                if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
+                    raise InputError(f"{item.onnx}: profile shape {list(shape)} for '{name}' does not fit the "
+                                     f"graph's {['?' if d is None else d for d in dims]}")
 
 
 def polygraphy_convert_command(export_dir: Path, graph_file: str, engine_path: Path, settings: BuildSettings,
@@ -242,11 +302,16 @@ def build_engines(export_dir: Path, out_dir: Path, settings: BuildSettings) -> d
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     items = build_plan(export_dir, manifest)
-    check_parsable(export_dir, items)
+    check_graphs(export_dir, items, manifest, settings)
     check_timing_cache(settings.timing_cache)
     if reason := tensorrt_unavailable():
         raise InputError(reason)
-    if fp32 := [g for g in ENGINE_GRAPHS if manifest["graphs"][g].get("precision") == "fp32"]:
+    unet = manifest.get("family") == "unet"
+    if unet:  # the UNet family's TensorRT target converts only the UNet to FP16
+        fp32 = [i.graph for i in items if manifest["graphs"][i.graph].get("precision") == "fp32"]
+        if fp32:
+            log.info("%s: FP32 graphs build FP32 (TF32) engines", ", ".join(fp32))
+    elif fp32 := [g for g in ENGINE_GRAPHS if manifest["graphs"][g].get("precision") == "fp32"]:
         log.warning("%s: FP32 graphs (an onnxruntime-target export) build FP32 engines; export with --target "
                     "tensorrt for FP16 ones", ", ".join(fp32))
     machine = current_machine()
@@ -286,11 +351,12 @@ def build_engines(export_dir: Path, out_dir: Path, settings: BuildSettings) -> d
                 "engine_bytes": (tmp / item.engine).stat().st_size,
                 "polygraphy_command": polygraphy_convert_command(export_dir, item.onnx, Path(out_dir) / item.engine,
                                                                  settings, manifest)}
-        doc = {"schema_version": ENGINES_SCHEMA, "kind": "quadit-engines", "model": manifest.get("model"),
-               "scheme": manifest.get("scheme"), **facts, "settings": settings.to_json(),
-               "bucket_edges": manifest["graphs"]["dit"].get("bucket_edges"),
-               "conditioners": {"backend": "onnxruntime", "onnx": manifest["graphs"]["conditioners"]["file"]},
-               "engines": engines}
+        doc = {"schema_version": ENGINES_SCHEMA, "kind": "quadit-engines", "family": "unet" if unet else "dit",
+               "model": manifest.get("model"), "scheme": manifest.get("scheme"), **facts,
+               "settings": settings.to_json(), "engines": engines}
+        if not unet:  # the DiT's bucket engines and its number conditioners (ONNX Runtime)
+            doc["bucket_edges"] = manifest["graphs"]["dit"].get("bucket_edges")
+            doc["conditioners"] = {"backend": "onnxruntime", "onnx": manifest["graphs"]["conditioners"]["file"]}
         (tmp / ENGINES_JSON).write_text(json.dumps(doc, indent=2) + "\n")
     return doc
 

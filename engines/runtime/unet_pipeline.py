@@ -154,11 +154,16 @@ class UNetPipeline:
 
 
 def open_unet_pipeline(export_dir: Path, manifest: dict[str, Any], backend: str = "onnxruntime",
-                       device: str = "cpu") -> UNetPipeline:
+                       device: str = "cpu", engines_dir: Path | None = None) -> UNetPipeline:
     """A pipeline over a UNet export with the named backend (torch: the model rebuilt from the manifest's
-    identity, refused when it differs from the exported one)."""
+    identity, refused when it differs from the exported one; tensorrt: the engines in `engines_dir`, built by
+    scripts/build_engines.py, see `engines.runtime.unet_tensorrt`)."""
     from transformers import AutoTokenizer
 
+    if (backend == "tensorrt") != (engines_dir is not None):
+        raise InputError("--engines DIR (from scripts/build_engines.py) goes with --backend tensorrt, and only with it")
+    if backend not in ("onnxruntime", "torch", "tensorrt"):
+        raise InputError(f"unknown backend '{backend}' (choose from: onnxruntime, torch, tensorrt)")
     tokenizer = AutoTokenizer.from_pretrained(str(Path(export_dir) / "tokenizer"), local_files_only=True)
     if backend == "onnxruntime":
         return UNetPipeline(OrtUNetBackend(Path(export_dir), manifest, device), manifest, tokenizer)
@@ -166,6 +171,6 @@ def open_unet_pipeline(export_dir: Path, manifest: dict[str, Any], backend: str 
         from exporter.models.unet_audio import reload_from_identity
 
         return UNetPipeline(TorchUNetBackend(reload_from_identity(manifest), device), manifest, tokenizer)
-    if backend == "tensorrt":
-        raise InputError("--backend tensorrt is not built for the UNet family yet (issue 21): use onnxruntime or torch")
-    raise InputError(f"unknown backend '{backend}' (choose from: onnxruntime, torch, tensorrt)")
+    from engines.runtime.unet_tensorrt import TrtUNetBackend
+
+    return UNetPipeline(TrtUNetBackend(Path(engines_dir), Path(export_dir), manifest), manifest, tokenizer)

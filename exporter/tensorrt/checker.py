@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("graphs", nargs="+", type=Path)
     parser.add_argument("--precision-map", action="store_true",
                         help="print the precision TensorRT runs each compute layer in and its FLOP share")
-    parser.add_argument("--latents", type=int, default=1024, help="latent length the FLOPs are counted at")
+    parser.add_argument("--latents", type=int, default=1024,
+                        help="latent length (DiT) or latent frames (UNet) the FLOPs are counted at")
     parser.add_argument("--batch", type=int, default=2, help="batch the FLOPs are counted at (CFG: 2)")
     args = parser.parse_args(argv)
     failed = 0
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.precision_map:
             from exporter.tensorrt.precision_map import precision_map
 
-            pmap = precision_map(model, latents=args.latents, batch=args.batch)
+            pmap = precision_map(model, latents=args.latents, batch=args.batch, extra_dims={"frames": args.latents})
             print(pmap.table())
             share = ", ".join(f"{k} {100 * v:.1f}%" for k, v in pmap.flop_share().items())
             print(f"{path.name}: {sum(x.flops for x in pmap.layers) / 1e9:.1f} GFLOP at {args.latents} latents, "

@@ -241,8 +241,10 @@ def _conv(g: _Graph, n: onnx.NodeProto) -> Layer:
     quantized = kind_w == "weight-dq" and kind_x == "act-dq"
     precision = f"INT8 ({compute} out)" if quantized else compute + (" (TF32)" if compute == "FP32" else "")
     w_bytes = g.nbytes(w_name)
-    return Layer(n.name, "Conv", "Conv", precision, compute, flops,
-                 g.nbytes(n.input[0]) + g.nbytes(n.output[0]) + w_bytes, w_bytes, quantized)
+    # a quantized Conv reads its activation as INT8 (the Q/DQ fuses into it), as a quantized GEMM does
+    x_bytes = g.nbytes(n.input[0], TensorProto.INT8 if kind_x == "act-dq" else None)
+    return Layer(n.name, "Conv", "Conv", precision, compute, flops, x_bytes + g.nbytes(n.output[0]) + w_bytes, w_bytes,
+                 quantized)
 
 
 def _pointwise(g: _Graph, n: onnx.NodeProto, kind: str, flops_per_element: float) -> Layer:

@@ -1,4 +1,4 @@
-"""A roofline PREDICTION of a TensorRT engine's DiT step from the graph's precision map (nothing here is timed).
+"""A roofline PREDICTION of a TensorRT engine's DiT or UNet step from the graph's precision map (nothing is timed).
 
 Each compute layer takes max(FLOPs / (peak of its precision x COMPUTE_EFFICIENCY), bytes / (memory
 bandwidth x MEMORY_EFFICIENCY)); the layers are summed, plus the memory traffic of the elementwise ops
@@ -25,6 +25,8 @@ these are half of those):
   PFLOPS, 8 TB/s HBM3e; NVIDIA HGX B200 datasheet, whose tensor figures are sparse (halved here).
 INT4 weight-only GEMMs compute in FP16 (weights are expanded in the kernel), so they gain bandwidth, not
 math: at 1024 latents and CFG batch 2 the DiT's GEMMs are compute bound, and the model says so.
+Convolutions (the UNet family) are costed like GEMMs: an INT8 Conv (INT8 input and weight DQs) at the INT8 peak,
+reading its INT8 input; FP16 ones at the FP16 peak. GroupNorm is an elementwise region (its bytes in `pointwise`).
 """
 from __future__ import annotations
 
@@ -126,14 +128,20 @@ def predict_all(pmaps: dict[str, PrecisionMap], gpus: tuple[str, ...] = tuple(GP
             "published": PUBLISHED}
 
 
-def markdown(prediction: dict[str, Any], latents: int, batch: int) -> str:
+def markdown(prediction: dict[str, Any], latents: int, batch: int, what: str | None = None) -> str:
+    """The prediction as a Markdown table; `what` names the step (default: "DiT step at <latents> latents")."""
     candidates = list(next(iter(prediction["gpus"].values())))
     head = "| GPU | " + " | ".join(f"{c} ms" for c in candidates) + " | " + \
         " | ".join(f"{c} vs fp16" for c in candidates if c != "fp16") + " |"
-    rows = [f"PREDICTION (roofline, not measured): DiT step at {latents} latents, CFG batch {batch}", "", head,
+    what = what or f"DiT step at {latents} latents"
+    rows = [f"PREDICTION (roofline, not measured): {what}, CFG batch {batch}", "", head,
             "|" + "---|" * (1 + 2 * len(candidates) - 1)]
     for gpu, cands in prediction["gpus"].items():
-        rows.append(f"| {GPUS[gpu].name} | " + " | ".join(f"{cands[c]['total_ms']:.2f}" for c in candidates) + " | " +
+        rows.append(f"| {GPUS[gpu].name} | " + " | ".join(_ms(cands[c]["total_ms"]) for c in candidates) + " | " +
                     " | ".join(f"{cands[c].get('speedup_vs_fp16', float('nan')):.2f}x" for c in candidates if c != "fp16")
                     + " |")
     return "\n".join(rows)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"  # a small UNet's step is tens of microseconds
