@@ -147,7 +147,9 @@ def _gathered(model: onnx.ModelProto, tensor: str, part: str, table: np.ndarray,
 
 
 def _rank(site: WeightedSite) -> int:
-    return 4 if site.op_type == "Conv" else 3
+    """The rank of the site's activation and output: a Conv2d's [B, C, H, W], a Gemm's [B, K] (the exporter
+    writes a Linear on a 2-D input as Gemm), a MatMul's [B, S, K] (the transformer blocks' Linears)."""
+    return {"Conv": 4, "Gemm": 2}.get(site.op_type, 3)
 
 
 def _split_bias(model: onnx.ModelProto, node: onnx.NodeProto, site: WeightedSite, post: str, ftype: type) -> None:
