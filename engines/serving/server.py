@@ -32,6 +32,7 @@ import signal
 import socket
 import sysconfig
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -313,41 +314,123 @@ def _unload_then_stop(triton: Any) -> None:
     triton.stop()
 
 
+# -- start-up --------------------------------------------------------------------------------------------
 LOAD_ATTEMPTS = 3
+STARTUP_TIMEOUT_S = 120.0  # PyTriton's own start-up time-out
+HANDSHAKE_MODULE = "quadit_handshake"
+_HANDSHAKE_PATCH = f"""
+
+# Added by quadit (engines/serving/server.py, harden_handshake): instances 1..n wait for instance 0's
+# handshake socket instead of failing the model load when they come too early (see {HANDSHAKE_MODULE}.py).
+from .{HANDSHAKE_MODULE} import patient as _quadit_patient  # noqa: E402
+
+get_config_from_handshake_server = _quadit_patient(get_config_from_handshake_server)
+"""
+
+
+def harden_handshake(version_dir: Path) -> bool:
+    """Make the Python-backend instances of the model in `version_dir` (PyTriton's copy of its proxy files in
+    the local model store) wait for instance 0's handshake socket: `engines/serving/handshake.py` is copied
+    next to them and `communication.py` rebinds `get_config_from_handshake_server` to its patient form
+    before `model.py` imports it. Returns False (with a warning) where PyTriton's files do not have that
+    function, so the race stays open; True once patched (a second call changes nothing)."""
+    from engines.serving import handshake
+
+    communication = version_dir / "communication.py"
+    text = communication.read_text() if communication.is_file() else ""
+    if "def get_config_from_handshake_server(" not in text:
+        log.warning("%s has no get_config_from_handshake_server (another PyTriton version?); the instance "
+                    "handshake is not hardened and a model load may fail at start-up", communication)
+        return False
+    (version_dir / f"{HANDSHAKE_MODULE}.py").write_text(Path(handshake.__file__).read_text())
+    if _HANDSHAKE_PATCH not in text:
+        communication.write_text(text + _HANDSHAKE_PATCH)
+    return True
+
+
+def _probe_host(host: str) -> str:
+    """The address a local client reaches `host` at (a wildcard listen address is reached on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
+
+
+def server_ready(server: ServerConfig, timeout_s: float = 2.0) -> bool:
+    """Whether `GET /v2/health/ready` on this server's HTTP port says 200 (asked directly, never through an
+    HTTP proxy that the environment may name)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{_probe_host(server.host)}:{server.http_port}/v2/health/ready"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout_s) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _launch(triton: Any, workspace: Any, server: ServerConfig, timeout_s: float) -> str | None:
+    """Start tritonserver, wait until it is ready, connect PyTriton's proxies; None, or why it did not come up.
+
+    PyTriton's `run()` is `_run_server()` then `connect()`, and `connect()` polls readiness for 120 s even
+    after tritonserver has exited (a failed start-up load stops it). Here the wait watches for that exit:
+    PyTriton stops the `Triton` and deletes its workspace when tritonserver exits, so a workspace that is
+    gone is a server that is gone, and the failure is known within a second."""
+    triton._run_server()
+    give_up_at = time.monotonic() + timeout_s
+    while not server_ready(server):
+        if not workspace.exists():
+            return "tritonserver exited while loading the model (its log above says why)"
+        if time.monotonic() >= give_up_at:
+            return f"tritonserver was not ready after {timeout_s:g} s"
+        time.sleep(0.05)
+    triton.connect()
+    return None
 
 
 def _start_triton(triton_cls: Any, server: ServerConfig, scheduler: GenerateScheduler, pipeline: Pipeline,
-                  in_flight: InFlight, attempts: int = LOAD_ATTEMPTS) -> Any:
-    """Start tritonserver and load the model, starting afresh when the model load fails.
+                  in_flight: InFlight, attempts: int = LOAD_ATTEMPTS, timeout_s: float = STARTUP_TIMEOUT_S) -> Any:
+    """Start tritonserver with `quadit_generate` loaded before its endpoints open; start afresh if that fails.
 
-    Readiness (issue 23.1, open): PyTriton starts tritonserver with an empty repository and then loads the
-    model through the repository API, so `/v2/health/ready` says 200 (vacuously, under strict readiness)
-    before `quadit_generate` is loaded; probe `/v2/models/quadit_generate/ready` instead. Loading the model
-    at tritonserver's start-up (PyTriton's local-model-store lifecycle) closes that window, but it made the
-    handshake race below frequent and each failure cost PyTriton's 120 s start-up time-out, so it is not used.
+    Readiness (issue 23.1): with PyTriton's default lifecycle tritonserver starts with an empty repository,
+    opens its endpoints and says ready (strict readiness holds vacuously with no model), and only then is
+    the model loaded through the repository API, so `/v2/health/ready` said 200 while requests still got
+    "unknown model". Here the model is written into PyTriton's local model store at `bind`, and tritonserver
+    (`--load-model=*`, strict readiness) loads it before it opens HTTP and gRPC: a probe finds no listener
+    until the model is READY, and `/v2/health/ready` (HTTP) and ServerReady (gRPC) say ready only then.
 
-    Why a retry: Triton initialises the Python-backend instances in parallel, and PyTriton's instances 1..n
-    fetch their config from a Unix socket that instance 0 opens. asyncio binds that socket (the file
-    appears) before it listens, and the other instances connect as soon as the file exists; one that
-    lands in between gets ECONNREFUSED and the whole model load fails ("load failed ... Connection
-    refused" from `get_config_from_handshake_server`). Seen once in CI on a loaded 2-core machine. A fresh
-    server gets a fresh workspace and socket; a load that fails every time still fails after `attempts`."""
-    from tritonclient.utils import InferenceServerException
+    Start-up loading made PyTriton's instance handshake race fail loads often (instances 1..n connect to
+    instance 0's Unix socket too early, see `engines/serving/handshake.py`), each failure costing PyTriton's
+    120 s start-up time-out; `harden_handshake` makes the instances wait for instance 0 instead, and
+    `_launch` notices a tritonserver that exited at once. A start that still fails is tried again with a
+    fresh server, workspace and sockets, up to `attempts` times."""
+    from pytriton.triton import TritonLifecyclePolicy
+    from pytriton.utils.workspace import Workspace
 
+    policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+    failure = ""
     for attempt in range(1, attempts + 1):
-        triton = triton_cls(config=triton_config(server))
+        workspace = Workspace()
+        triton = triton_cls(config=triton_config(server), workspace=workspace, triton_lifecycle_policy=policy)
         bind(triton, scheduler, pipeline, in_flight)
+        harden_handshake(workspace.model_store_path / MODEL_NAME / "1")
+        t0 = time.monotonic()
         try:
-            triton.run()
-            return triton
-        except InferenceServerException as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            failure = _launch(triton, workspace, server, timeout_s) or ""
+        except Exception as exc:  # noqa: BLE001 - PyTriton raises its own, tritonclient's and TimeoutError
             triton.stop()
-            if "load failed" not in str(exc) or attempt == attempts:
+            if attempt == attempts:
                 raise
-            log.warning("loading %s failed (attempt %d of %d: %s); starting Triton again", MODEL_NAME,
-                        attempt, attempts, first[:200])
-    raise AssertionError("unreachable")
+            failure = (str(exc).splitlines() or [type(exc).__name__])[0]
+        else:
+            if not failure:
+                log.info("%s loaded and tritonserver ready in %.1f s", MODEL_NAME, time.monotonic() - t0)
+                return triton
+            triton.stop()
+        if attempt < attempts:
+            log.warning("starting Triton with %s failed (attempt %d of %d: %s); starting Triton again",
+                        MODEL_NAME, attempt, attempts, failure[:200])
+    raise InputError(f"Triton could not load {MODEL_NAME} ({attempts} attempts): {failure}")
 
 
 def serve(pipeline: Pipeline, server: ServerConfig, scheduling: SchedulerConfig,
