@@ -1,6 +1,8 @@
 """Serving `quadit_generate`: Triton (PyTriton) server, scheduler, batching, a Triton model repository.
 
 - `server.py`: request parsing and validation, the model binding, the serve loop that drains on SIGTERM;
+- `handshake.py`: a patient PyTriton instance handshake, copied into the model store for the stubs (so that
+  loading the model at tritonserver start-up, what makes `/v2/health/ready` honest, cannot race);
 - `scheduler.py`, `batching.py`: admission, time limits and the batched sampler;
 - `triton_repo.py`, `triton_bls.py`, `triton_ort_model.py`: a model repository for a stock `tritonserver`;
 - `load_test.py`: the loopback load test (JSON + Markdown + PNG).
