@@ -218,12 +218,11 @@ def unet_quant_stages(model: Any, options: UNetQuantOptions, ort_baseline: bool 
                 base = scratch / "unet.fp16.onnx"
                 export_fp16_unet(model, base)
             quantized, record = quantize_unet_graph(base, layers, calibration.edges, calibration.ch_absmax, options)
-            q_path = scratch / "unet.q.onnx"
-            onnx.save(quantized, str(q_path))
             write_quantized_unet(quantized, record, tmp, manifest, options, calibration.summary)
             if report_prompts:
-                _report(model, tmp, manifest, fp32, base, q_path, layers, calib_prompts, report_prompts, options,
-                        seconds["report"], ort_baseline, modelopt, scratch)
+                # the graph as written into the export (measured as deployed, not a second copy of it)
+                _report(model, tmp, manifest, fp32, base, tmp / manifest["graphs"]["unet"]["file"], layers,
+                        calib_prompts, report_prompts, options, seconds["report"], ort_baseline, modelopt, scratch)
 
     return [stage]
 

@@ -38,7 +38,7 @@ from onnx import helper, numpy_helper
 from exporter.onnx import graph_edit
 from exporter.onnx.linear_nodes import node_scope
 from exporter.passes import names, qdq
-from exporter.passes.quantize import PRESCALE_MAX, bucket_index, static_qdq
+from exporter.passes.quantize import PRESCALE_MAX, bucket_index, gathered, static_qdq
 
 log = logging.getLogger(__name__)
 METHODS = ("minmax", "smoothquant", "timestep-smoothquant")
@@ -134,18 +134,6 @@ def _const(model: onnx.ModelProto, array: np.ndarray, name: str, dtype: type) ->
     return name
 
 
-def _gathered(model: onnx.ModelProto, tensor: str, part: str, table: np.ndarray, bucket: str, rank: int) -> str:
-    """table[bucket] reshaped to [B, 1, ...] (rank dims) so it broadcasts over the activation."""
-    _const(model, table, names.act(tensor, f"{part}_table"), table.dtype.type)
-    _const(model, np.arange(1, rank, dtype=np.int64), names.act(tensor, f"{part}_axes"), np.int64)
-    model.graph.node.extend([
-        helper.make_node("Gather", [names.act(tensor, f"{part}_table"), bucket], [names.act(tensor, f"{part}_b")],
-                         axis=0, name=names.node(tensor, f"{part}_gather")),
-        helper.make_node("Unsqueeze", [names.act(tensor, f"{part}_b"), names.act(tensor, f"{part}_axes")],
-                         [names.act(tensor, part)], name=names.node(tensor, f"{part}_unsqueeze"))])
-    return names.act(tensor, part)
-
-
 def _rank(site: WeightedSite) -> int:
     """The rank of the site's activation and output: a Conv2d's [B, C, H, W], a Gemm's [B, K] (the exporter
     writes a Linear on a 2-D input as Gemm), a MatMul's [B, S, K] (the transformer blocks' Linears)."""
@@ -206,9 +194,9 @@ def quantize_unet(model: onnx.ModelProto, sites: Mapping[str, WeightedSite], ch_
             smallest = max(float(ranges.min()), float(ranges.max()) / PRESCALE_MAX)
             pre = (smallest / np.maximum(ranges, smallest)).astype(ftype)
             scaled = names.act(tensor, "prescaled")
-            model.graph.node.append(helper.make_node("Mul", [x, _gathered(model, tensor, "prescale", pre, bucket, rank)],
+            model.graph.node.append(helper.make_node("Mul", [x, gathered(model, tensor, "prescale", pre, bucket, rank)],
                                                      [scaled], name=names.node(tensor, "prescale")))
-            post = _gathered(model, tensor, "postscale", (1.0 / pre.astype(np.float64)).astype(ftype), bucket, rank)
+            post = gathered(model, tensor, "postscale", (1.0 / pre.astype(np.float64)).astype(ftype), bucket, rank)
             x_q = static_qdq(model, scaled, smallest / 127.0, ftype)
         else:
             x_q = static_qdq(model, x, float(ranges.max()) / 127.0, ftype)

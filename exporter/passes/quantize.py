@@ -189,11 +189,12 @@ def bucket_index(model: onnx.ModelProto, edges: Sequence[float], t_input: str = 
     return names.BUCKET
 
 
-def _gathered(model: onnx.ModelProto, tensor: str, part: str, table: np.ndarray, bucket: str) -> str:
-    """table[bucket] reshaped to [B, 1, 1] so it broadcasts over [B, L, C]."""
+def gathered(model: onnx.ModelProto, tensor: str, part: str, table: np.ndarray, bucket: str, rank: int = 3) -> str:
+    """table[bucket] reshaped to [B, 1, ...] (`rank` dims) so it broadcasts over the activation: [B, L, C] for
+    the DiT's Linears, [B, C, H, W] for a UNet's Conv2d (`exporter.passes.conv_quant`)."""
     g = model.graph
     g.initializer.extend([qdq.constant(table, names.act(tensor, f"{part}_table"), table.dtype.type),
-                          qdq.constant([1, 2], names.act(tensor, f"{part}_axes"), np.int64)])
+                          qdq.constant(list(range(1, rank)), names.act(tensor, f"{part}_axes"), np.int64)])
     g.node.extend([
         helper.make_node("Gather", [names.act(tensor, f"{part}_table"), bucket], [names.act(tensor, f"{part}_b")],
                          axis=0, name=names.node(tensor, f"{part}_gather")),
@@ -402,8 +403,8 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                 shared = float(per_bucket.min())
                 pre_table = np.clip(shared / per_bucket, 1.0 / PRESCALE_MAX, 1.0).astype(ftype)
                 post_table = (1.0 / pre_table.astype(np.float64)).astype(ftype)
-                pre = _gathered(model, tensor, "prescale", pre_table, index)
-                inverse = _gathered(model, tensor, "postscale", post_table, index)
+                pre = gathered(model, tensor, "prescale", pre_table, index)
+                inverse = gathered(model, tensor, "postscale", post_table, index)
                 model.graph.node.append(helper.make_node("Mul", [tensor, pre], [names.act(tensor, "prescaled")],
                                                          name=names.node(tensor, "prescale_mul")))
                 x_q = static_qdq(model, names.act(tensor, "prescaled"), shared / qmax, ftype, fp8)

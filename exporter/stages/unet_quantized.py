@@ -1,8 +1,8 @@
 """Quantize a UNet export's `unet.onnx` (W8A8: INT8 Conv2d and Linear, timestep-aware, `exporter.passes.conv_quant`).
 
 The ONNX Runtime target quantizes the FP32 graph the export just wrote. The TensorRT target quantizes an FP16
-base graph (`exporter.onnx.fp16.fp16_unet`: FP16 convolutions, GEMMs and attention, FP32 GroupNorm/LayerNorm
-and timestep MLP), so that under strong typing an INT8 convolution writes FP16 and nothing around it falls back
+base graph (`exporter.onnx.fp16.fp16_unet`: FP16 convolutions, GEMMs, attention and timestep MLP, FP32
+GroupNorm/LayerNorm), so that under strong typing an INT8 convolution writes FP16 and nothing around it falls back
 to FP32 (ARCHITECTURE.md section 3). Both keep the graph interface (float32 inputs and `noise_pred`).
 """
 from __future__ import annotations
