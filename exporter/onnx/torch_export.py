@@ -9,6 +9,7 @@ value_info for initializers (graph_edit.drop_stale_value_info: ONNX Runtime's qu
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from exporter.onnx import fp4_emulation
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,7 @@ def ort_session(path: Path, config: dict[str, str] | None = None, profile_prefix
     `config` holds session config entries a graph needs (its manifest entry's `ort_session_config`, e.g.
     the MatMulNBits accuracy level of a w4a16 graph). `profile_prefix` turns on ORT's profiler, writing
     `<prefix>_<date>.json` at `end_profiling()`."""
+    import onnx
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -138,7 +142,16 @@ def ort_session(path: Path, config: dict[str, str] | None = None, profile_prefix
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+    providers = list(providers or ["CPUExecutionProvider"])
+    if fp4_emulation.needs_emulation(Path(path)):
+        # TensorRT's NVFP4 form has no ONNX Runtime kernels: run the same arithmetic in standard ops
+        emulated = fp4_emulation.emulate(onnx.load(str(path)))
+        if emulated.ByteSize() < 2 ** 31 - 2 ** 24:
+            return ort.InferenceSession(emulated.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="quadit-fp4-") as tmp:
+            onnx.save(emulated, str(Path(tmp) / "emulated.onnx"), save_as_external_data=True, location="emulated.data")
+            return ort.InferenceSession(str(Path(tmp) / "emulated.onnx"), options, providers=providers)
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def relative_error(out: Any, ref: Any) -> tuple[float, float]:
