@@ -28,3 +28,14 @@ def quantizable_unet_layers(unet: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             continue
         yield name, module
+
+
+def unet_blocks(unet: nn.Module) -> dict[str, nn.Module]:
+    """The ResNets and transformers of the down, mid and up blocks: their inputs are the residual stream, the
+    UNet's counterpart of the DiT's transformer-block inputs (where range growth over the trajectory is measured)."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    return {name: m for name, m in unet.named_modules()
+            if isinstance(m, (ResnetBlock2D, Transformer2DModel)) and name.split(".")[0] in
+            ("down_blocks", "mid_block", "up_blocks")}

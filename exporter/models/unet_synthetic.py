@@ -8,6 +8,17 @@ transformer projections from LayerNorm gammas, with the consumer's weights on th
 carries outliers from a few large output rows of each ResNet's `conv2`; attention's `to_out` and the GEGLU
 output Linear see outliers from a few large value / GEGLU rows. `shape_like_trained` plants these,
 deterministically by seed; `measure_quantizer_view` reports what a quantizer then sees over real sampler runs.
+
+The timestep effect (block-input ranges that grow over the trajectory, seed 000's Fig. 2; ARCHITECTURE.md
+section 5) has one way into a diffusers UNet: the timestep embedding, added per channel to each ResNet's
+`conv1` output before `norm2` (diffusers `ResnetBlock2D.forward`, default `time_embedding_norm`). A GroupNorm
+removes any magnitude a channel shares with its group, so a growing *range* needs a channel whose content is
+the timestep alone: `_plant_timestep_growth` gives a few channels of each ResNet's `conv1` output nothing but
+a timestep-embedding unit that rises as t -> 0 (`u(t) = A (1 - t/1000) - B` through the time MLP's SiLU,
+near 0 over the first steps). While that unit is small the channel normalises to about 0; once it dominates
+its group it normalises to sqrt(k - 1) (k channels per group) on every position, and `conv2` sums it
+coherently over its 3x3 taps into a few residual-stream channels, which every later block reads. The
+timestep MLP and `time_emb_proj` stay float (`unet_layers.KEEP_FLOAT`), as in the DiT.
 The text encoder and VAE keep their seeded init (they stay unquantized); the vocoder's conv weights are
 scaled to their fan-in so that it writes audible audio (`_audible_vocoder`).
 """
@@ -22,6 +33,9 @@ from torch import nn
 OUTLIER_FRACTION = 0.03   # share of channels made outliers (the requirement is >= 1%)
 GAMMA_RANGE = (30.0, 60.0)
 ROW_RANGE = (10.0, 20.0)
+TIME_RAMP = (12.0, 4.0)    # u(t) = A (1 - t/1000) - B: below 0 over the first ~third of the trajectory
+TIME_GAIN = 5.0            # the timestep-embedding channel is TIME_GAIN * silu(u(t)), 0..~40
+TIME_RESIDUAL = 100.0      # what each planted conv2 row adds to the residual stream once t -> 0
 
 
 def _pick(n: int, g: torch.Generator, frac: float = OUTLIER_FRACTION) -> torch.Tensor:
@@ -89,7 +103,60 @@ def shape_like_trained(model: Any, seed: int) -> None:
         elif isinstance(module, Transformer2DModel):
             _shape_transformer(module, g)
     _gamma_outliers(unet.conv_norm_out, [unet.conv_out], g)
+    _plant_timestep_growth(unet, g)
     _audible_vocoder(model.vocoder, g)
+
+
+def _time_feature(unet: nn.Module) -> tuple[int, float, float]:
+    """The sinusoidal timestep feature (of `unet.time_proj`) that is monotone over t in [0, 1000] and
+    changes most: its index and its values at t = 0 and t = 1000."""
+    ts = torch.linspace(0.0, 1000.0, 21)
+    feats = unet.time_proj(ts).float()
+    delta = feats[-1] - feats[0]
+    monotone = (feats.diff(dim=0) * delta.sign() > 0).all(0)
+    idx = int((delta.abs() * monotone).argmax())
+    return idx, float(feats[0, idx]), float(feats[-1, idx])
+
+
+def _plant_timestep_growth(unet: nn.Module, g: torch.Generator) -> None:
+    """See the module docstring: one time-MLP unit -> one timestep-embedding channel -> a few channels of
+    each ResNet's `conv1` output -> coherent `conv2` rows into the residual stream."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    idx, f0, f1 = _time_feature(unet)
+    lin1, lin2 = unet.time_embedding.linear_1, unet.time_embedding.linear_2
+    unit = int(torch.randint(lin1.weight.shape[0], (1,), generator=g))
+    channel = int(torch.randint(lin2.weight.shape[0], (1,), generator=g))
+    a, b = TIME_RAMP
+    lin1.weight[unit] = 0.0  # u(t) = a (f(t) - f1) / (f0 - f1) - b: a - b at t = 0, -b at t = 1000
+    lin1.weight[unit, idx] = a / (f0 - f1)
+    lin1.bias[unit] = -a * f1 / (f0 - f1) - b
+    lin2.weight[:, unit] = 0.0
+    lin2.weight[channel] = 0.0
+    lin2.weight[channel, unit] = TIME_GAIN
+    lin2.bias[channel] = 0.0
+    for module in unet.modules():
+        if not isinstance(module, ResnetBlock2D) or module.time_emb_proj is None:
+            continue
+        norm, conv1, conv2 = module.norm2, module.conv1, module.conv2
+        width, groups = conv1.weight.shape[0], norm.num_groups
+        per_group = width // groups
+        chosen = _pick(groups, g)
+        rows = chosen * per_group + torch.randint(per_group, (len(chosen),), generator=g)
+        settled = math.sqrt(max(per_group - 1, 1))  # the normalised value once the channel dominates its group
+        gain = settled / (1 + math.exp(-settled))  # silu of it
+        taps = conv2.weight.shape[2] * conv2.weight.shape[3]
+        targets = _pick(conv2.weight.shape[0], g)
+        for r in rows.tolist():
+            conv1.weight[r] = 0.0
+            conv1.bias[r] = 0.0
+            module.time_emb_proj.weight[r] = 0.0
+            module.time_emb_proj.weight[r, channel] = 1.0
+            module.time_emb_proj.bias[r] = 0.0
+            norm.weight[r] = 1.0
+            norm.bias[r] = 0.0
+            conv2.weight[:, r] = 0.0
+            conv2.weight[targets, r] = TIME_RESIDUAL / (len(rows) * taps * gain)
 
 
 def _audible_vocoder(vocoder: nn.Module, g: torch.Generator) -> None:
@@ -109,15 +176,19 @@ def _audible_vocoder(vocoder: nn.Module, g: torch.Generator) -> None:
 @torch.no_grad()
 def measure_quantizer_view(model: Any, layers: dict[str, nn.Module], prompts: list[str], steps: int = 10,
                            seconds: float | None = None, seed: int = 0) -> dict[str, Any]:
-    """Per quantizable layer, the fraction of input channels with abs-max >= 20x the median channel's, and
-    the growth of its input range from the first to the last quarter of the sampler's steps, over real runs
-    of the pipeline's own scheduler (`engines`-free: the torch forward of `unet_graphs`)."""
+    """Per quantizable layer, the fraction of input channels with abs-max >= 20x the median channel's and the
+    growth of its input range from the first to the last quarter of the sampler's steps; the same growth of
+    each block's input (`unet_layers.unet_blocks`: the residual stream); over real runs of the pipeline's own
+    scheduler (`engines`-free: the model's own UNet forward)."""
     from calibration.collector import ActivationCollector, BucketSpec
     from calibration.observers import outlier_fraction, range_growth
+    from exporter.models.unet_layers import unet_blocks
     from exporter.models.unet_sampling import sample_latents, torch_conditioning
 
-    convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
-    collector = ActivationCollector(layers, BucketSpec((1001.0, -1.0)), num_steps=steps, channels_first=convs)
+    blocks = {f"block:{n}": m for n, m in unet_blocks(model.unet).items()}
+    convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)] + list(blocks)
+    collector = ActivationCollector({**layers, **blocks}, BucketSpec((1001.0, -1.0)), num_steps=steps,
+                                    channels_first=convs)
     with collector:
         for i, prompt in enumerate(prompts):
             dims = model.dims()
@@ -127,9 +198,13 @@ def measure_quantizer_view(model: Any, layers: dict[str, nn.Module], prompts: li
                            seed=seed + i, on_step=lambda k, t: collector.begin_step(k, float(t)))
     outliers = {n: outlier_fraction(collector.state[f"{n}.ch_absmax"]) for n in layers}
     growth = {n: range_growth(collector.state[f"{n}.step_absmax"]) for n in layers}
-    return {"outlier_fraction": outliers, "range_growth": growth,
+    block_growth = {n.split(":", 1)[1]: range_growth(collector.state[f"{n}.step_absmax"]) for n in blocks}
+    conv_outliers = [v for n, v in outliers.items() if isinstance(layers[n], nn.Conv2d)]
+    return {"outlier_fraction": outliers, "range_growth": growth, "block_range_growth": block_growth,
             "share_with_outliers": sum(v >= 0.01 for v in outliers.values()) / len(outliers),
+            "conv_share_with_outliers": sum(v >= 0.01 for v in conv_outliers) / max(1, len(conv_outliers)),
             "median_range_growth": float(torch.tensor(list(growth.values())).median()),
+            "median_block_range_growth": float(torch.tensor(list(block_growth.values())).median()),
             "steps": steps, "prompts": len(prompts)}
 
 
