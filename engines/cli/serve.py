@@ -1,9 +1,10 @@
 """Serve text-to-audio generation from an export directory on Triton Inference Server (PyTriton).
 
 Model `quadit_generate` over KServe v2 HTTP and gRPC: inputs prompt (BYTES), seconds (FP32), steps (INT32),
-cfg_scale (FP32), seed (INT64), each [1]; outputs audio (FP32 [2, samples]), sample_rate (INT32 [1]) and
+cfg_scale (FP32), seed (INT64), each [1]; outputs audio (FP32 [2, samples] at 44.1 kHz for Stable Audio Open;
+[1, samples] at 16 kHz for a UNet-family export, AudioLDM or TANGO), sample_rate (INT32 [1]) and
 batch_size (INT32 [1]). Concurrent requests with the same latent length and step count are stepped
-together: one DiT call per sampler step for the whole batch. Health: /v2/health/live, /v2/health/ready;
+together: one DiT (or UNet) call per sampler step for the whole batch. Health: /v2/health/live, /v2/health/ready;
 Prometheus metrics on --metrics-port. SIGTERM (or Ctrl-C) stops accepting, finishes what is queued, exits 0.
 """
 from __future__ import annotations
@@ -97,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     export = Path(args.export)
     if not (export / "manifest.json").is_file():
         raise InputError(f"--export {export} is not an export directory (no manifest.json)")
+    from exporter.onnx.artifacts import read_manifest
+
+    manifest = read_manifest(export)
+    if manifest.get("family") == "unet":  # AudioLDM / TANGO: engines.serving.families.unet_family
+        from engines.runtime.unet_pipeline import open_unet_pipeline
+
+        unet = open_unet_pipeline(export, manifest, args.backend, engines_dir=Path(args.engines) if args.engines else None)
+        return serve(unet, server, scheduling)
     pipeline = open_pipeline(export, args.backend, Path(args.engines) if args.engines else None)
     if args.backend == "tensorrt":  # the DiT engines take batches up to their largest profile
         from dataclasses import replace

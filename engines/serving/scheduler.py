@@ -2,8 +2,9 @@
 
 Each generation (one row of a Triton request) waits in the queue; the worker takes the oldest one, waits up
 to `max_queue_delay_ms` after its arrival for company, then steps together every queued generation with the
-same `BatchKey` (latent length, steps, sampler settings), oldest first, at most `max_batch` of them
-(`engines.serving.batching.generate_batch`). Generations with other keys stay queued, in order, for the next round.
+same batch key (latent length, steps, sampler settings), oldest first, at most `max_batch` of them (the
+family's batched run: `engines.serving.batching.generate_batch` for SAO, `engines.serving.unet_batching` for
+the UNet family; see `engines.serving.families`). Generations with other keys stay queued, in order, for the next round.
 
 Why the batching lives here and not in Triton's own dynamic batcher: Triton hands a batch of requests to
 one execute call and PyTriton answers a failed call with one error for all of them, so one bad or expired
@@ -30,8 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engines.runtime.pipeline import GenerateOptions, Pipeline
-from engines.serving.batching import BatchKey, batch_key, generate_batch
+from engines.serving.families import ServedFamily, served_family
 from exporter.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ class RequestTimeout(TimeoutError):
 
 @dataclass
 class Generation:
-    options: GenerateOptions
-    key: BatchKey
+    options: Any  # GenerateOptions or UNetGenerateOptions
+    key: Any  # the family's batch key
     queued_at: float
     deadline: float
     future: Future = field(default_factory=Future)
@@ -98,11 +98,13 @@ class _Expired(Exception):
 
 
 class GenerateScheduler:
-    """Queue + worker thread over one pipeline; `submit` returns one future per generation."""
+    """Queue + worker thread over one pipeline; `submit` returns one future per generation. `family` (default:
+    the pipeline's own, `served_family`) supplies the batch key and the batched run."""
 
-    def __init__(self, pipeline: Pipeline, config: SchedulerConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, pipeline: Any, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic,
+                 family: ServedFamily | None = None) -> None:
         self.pipeline, self.config, self.clock = pipeline, config, clock
+        self.family = family or served_family(pipeline)
         self.stats = BatchStats()
         self._queue: list[Generation] = []
         self._cv = threading.Condition()
@@ -112,11 +114,11 @@ class GenerateScheduler:
         self._worker.start()
 
     # -- client side -------------------------------------------------------------------------------------
-    def submit(self, requests: Sequence[GenerateOptions], arrived_at: float | None = None) -> list[Future]:
+    def submit(self, requests: Sequence[Any], arrived_at: float | None = None) -> list[Future]:
         """Queue generations (validated by the caller); all or none are queued. Their time limit counts
         from `arrived_at` (this scheduler's clock; default now)."""
         now = self.clock() if arrived_at is None else arrived_at
-        items = [Generation(o, batch_key(self.pipeline, o), now, now + self.config.request_timeout_s)
+        items = [Generation(o, self.family.key(o), now, now + self.config.request_timeout_s)
                  for o in requests]
         with self._cv:
             if self._closed:
@@ -184,7 +186,7 @@ class GenerateScheduler:
 
         t0 = time.perf_counter()
         try:
-            result = generate_batch(self.pipeline, [it.options for it in batch], self.config.dit_batch_sizes, on_step)
+            result = self.family.run([it.options for it in batch], self.config.dit_batch_sizes, on_step)
         except _Expired:
             rest = self._expire(batch)
             log.warning("batch of %d abandoned at the time limit; %d generation(s) re-queued", len(batch), len(rest))
@@ -198,7 +200,7 @@ class GenerateScheduler:
             return
         seconds = time.perf_counter() - t0
         key = batch[0].key
-        log.info("stepped %d request(s) together (latent length %d, %d steps): %d DiT calls, %d rows, %.2f s",
+        log.info("stepped %d request(s) together (latent length %d, %d steps): %d model calls, %d rows, %.2f s",
                  len(batch), key.latent_length, key.steps, result.dit_calls, result.dit_rows, seconds)
         self.stats.batches += 1
         self.stats.generations += len(batch)
@@ -225,7 +227,7 @@ class GenerateScheduler:
 
 @dataclass(frozen=True)
 class BatchOutput:
-    audio: torch.Tensor  # [2, samples]
+    audio: torch.Tensor  # [channels, samples]: 2 for SAO, 1 for the UNet family
     sample_rate: int
     batch_size: int  # how many generations were stepped together with this one
 

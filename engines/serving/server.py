@@ -1,10 +1,13 @@
-"""`quadit_generate` on Triton Inference Server (through PyTriton): request parsing and validation, the
-model binding, the Python-backend environment fix, and a serve loop that drains on SIGTERM.
+"""`quadit_generate` on Triton Inference Server (through PyTriton): the model binding, the Python-backend
+environment fix, and a serve loop that drains on SIGTERM (request parsing: `engines.serving.api`).
 
 The API (KServe v2, HTTP and gRPC; Triton adds the batch dimension to every input and output):
 
     inputs   prompt BYTES [1], seconds FP32 [1], steps INT32 [1], cfg_scale FP32 [1], seed INT64 [1]
-    outputs  audio FP32 [2, samples], sample_rate INT32 [1], batch_size INT32 [1]
+    outputs  audio FP32 [channels, samples], sample_rate INT32 [1], batch_size INT32 [1]
+
+`channels` is 2 for a Stable Audio Open export (44.1 kHz) and 1 for a UNet-family export (AudioLDM, TANGO:
+mono at the vocoder's 16 kHz); `engines.serving.families` holds what differs between the two.
 
 `batch_size` tells how many generations were stepped together with this one (1 when it ran alone).
 A request may carry several rows (a client-side batch); they become separate generations, and must
@@ -26,7 +29,6 @@ instance takes a request is its arrival, and the time limit counts from there.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import socket
@@ -39,14 +41,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engines.runtime.pipeline import GenerateOptions, Pipeline
+from engines.serving.api import (  # noqa: F401 - the request API, re-exported where callers found it
+    INPUTS,
+    MAX_STEPS,
+    RequestError,
+    RequestErrorsAtDebug,
+    parse_request,
+)
+from engines.serving.families import ServedFamily, served_family
 from engines.serving.scheduler import GenerateScheduler, SchedulerConfig, results
 from exporter.errors import InputError
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "quadit_generate"
-MAX_STEPS = 1000  # a bound on one request's compute; the model card uses 100
 SPARE_INSTANCES = 2  # Triton instances beyond max_inflight, which only refuse (see the module doc)
 
 
@@ -66,31 +74,6 @@ class ServerConfig:
             raise InputError(f"HTTP, gRPC and metrics ports must differ, got {ports}")
         if not self.drain_timeout_s > 0:
             raise InputError(f"drain timeout must be positive, got {self.drain_timeout_s}")
-
-
-class RequestError(Exception):
-    """A bad request. Its message reaches the client as Triton's error text without a Python traceback:
-    PyTriton formats `exc.__traceback__` into the error response, so this class reports none."""
-
-    @property
-    def __traceback__(self):  # type: ignore[override]
-        return None
-
-    @__traceback__.setter
-    def __traceback__(self, _value) -> None:
-        pass
-
-
-class RequestErrorsAtDebug(logging.Filter):
-    """PyTriton logs every exception an infer callable raises, with its traceback, at WARNING. A RequestError
-    is a bad or refused request (the client gets its one-line message), not a server fault, so its record
-    is lowered to DEBUG: under load "server busy" refusals would otherwise fill the log with tracebacks."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and f"{__name__}.RequestError" in record.getMessage():
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
 
 
 # -- the Python-backend environment --------------------------------------------------------------------
@@ -122,70 +105,6 @@ def prepare_python_backend_env(environ: Any = os.environ) -> str | None:
     if not parts or parts[0] != libdir:
         environ["LD_LIBRARY_PATH"] = ":".join([libdir, *[p for p in parts if p != libdir]])
     return libdir
-
-
-# -- requests ------------------------------------------------------------------------------------------
-INPUTS = {"prompt": np.bytes_, "seconds": np.float32, "steps": np.int32, "cfg_scale": np.float32, "seed": np.int64}
-
-
-def _column(request: Any, name: str, kind: str) -> np.ndarray:
-    try:
-        value = np.asarray(request[name])
-    except KeyError:
-        raise RequestError(f"input '{name}' is missing") from None
-    if value.ndim != 2 or value.shape[1] != 1:
-        raise RequestError(f"input '{name}' must have shape [batch, 1], got {list(value.shape)}")
-    if kind == "bytes":
-        if value.dtype.kind not in "SOU":
-            raise RequestError(f"input '{name}' must be BYTES, got {value.dtype}")
-    elif np.dtype(value.dtype).kind != kind:
-        raise RequestError(f"input '{name}' must be {'a float' if kind == 'f' else 'an integer'}, got {value.dtype}")
-    return value[:, 0]
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, (bytes, np.bytes_)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError("input 'prompt' is not valid UTF-8") from None
-    return str(value)
-
-
-def parse_request(request: Any, defaults: dict[str, Any], max_seconds: float) -> list[GenerateOptions]:
-    """One GenerateOptions per row of a Triton request, validated; a RequestError names what is wrong."""
-    cols = {"prompt": _column(request, "prompt", "bytes"), "seconds": _column(request, "seconds", "f"),
-            "steps": _column(request, "steps", "i"), "cfg_scale": _column(request, "cfg_scale", "f"),
-            "seed": _column(request, "seed", "i")}
-    rows = {len(c) for c in cols.values()}
-    if len(rows) != 1 or rows == {0}:
-        raise RequestError(f"inputs must have the same, non-zero batch size, got { {k: len(v) for k, v in cols.items()} }")
-    out = []
-    for i in range(rows.pop()):
-        prompt, seconds = _text(cols["prompt"][i]), float(cols["seconds"][i])
-        steps, cfg, seed = int(cols["steps"][i]), float(cols["cfg_scale"][i]), int(cols["seed"][i])
-        if not prompt.strip():
-            raise RequestError("input 'prompt' is empty")
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise RequestError(f"input 'seconds' must be positive, got {seconds:g}")
-        if seconds > max_seconds + 1e-6:
-            raise RequestError(f"input 'seconds' {seconds:g} is longer than this model's window of {max_seconds:.2f} s")
-        if not 2 <= steps <= MAX_STEPS:
-            raise RequestError(f"input 'steps' must be from 2 to {MAX_STEPS}, got {steps}")
-        if not math.isfinite(cfg) or cfg < 0:
-            raise RequestError(f"input 'cfg_scale' must be a finite number >= 0, got {cfg:g}")
-        opts = GenerateOptions(prompt=prompt, seconds=seconds, steps=steps, cfg_scale=cfg, seed=seed,
-                               sampler_type=defaults["sampler_type"], sigma_min=defaults["sigma_min"],
-                               sigma_max=defaults["sigma_max"], rho=defaults["rho"])
-        try:
-            opts.validate(max_seconds)
-        except InputError as exc:
-            raise RequestError(str(exc).replace("--", "")) from None
-        out.append(opts)
-    if len({round(o.seconds * 1e6) for o in out}) > 1:
-        raise RequestError("rows of one request must share 'seconds' (their audio is one tensor); send them "
-                           "as separate requests")
-    return out
 
 
 class InFlight:
@@ -228,17 +147,15 @@ class InFlight:
 class InferInstance:
     """One Triton model instance: parse, queue the rows, wait, answer (or raise this request's error)."""
 
-    def __init__(self, scheduler: GenerateScheduler, defaults: dict[str, Any], max_seconds: float,
-                 in_flight: InFlight) -> None:
-        self.scheduler, self.defaults, self.max_seconds = scheduler, defaults, max_seconds
-        self.in_flight = in_flight
+    def __init__(self, scheduler: GenerateScheduler, family: ServedFamily, in_flight: InFlight) -> None:
+        self.scheduler, self.family, self.in_flight = scheduler, family, in_flight
 
     def _one(self, request: Any) -> dict[str, np.ndarray]:
         arrived = self.scheduler.clock()
         if not self.in_flight.admit():
             raise RequestError(f"server busy: {self.in_flight.limit} requests in flight (--max-inflight); retry later")
         try:
-            options = parse_request(request, self.defaults, self.max_seconds)
+            options = self.family.parse(request)
             try:
                 futures = self.scheduler.submit(options, arrived_at=arrived)
             except RuntimeError as exc:
@@ -259,18 +176,17 @@ class InferInstance:
 
 
 # -- the server ----------------------------------------------------------------------------------------
-def bind(triton: Any, scheduler: GenerateScheduler, pipeline: Pipeline, in_flight: InFlight) -> None:
+def bind(triton: Any, scheduler: GenerateScheduler, in_flight: InFlight) -> None:
     """Bind `quadit_generate` to a PyTriton `Triton` with max_inflight + SPARE_INSTANCES instances (see the
-    module doc)."""
+    module doc); `audio` has the scheduler's family's channel count (2 for SAO, 1 for the UNet family)."""
     from pytriton.model_config import ModelConfig, Tensor
 
-    defaults, window = pipeline.manifest["sampler_defaults"], pipeline.max_seconds
     count = scheduler.config.inflight + SPARE_INSTANCES
     triton.bind(
         model_name=MODEL_NAME,
-        infer_func=[InferInstance(scheduler, defaults, window, in_flight) for _ in range(count)],
+        infer_func=[InferInstance(scheduler, scheduler.family, in_flight) for _ in range(count)],
         inputs=[Tensor(name=n, dtype=t, shape=(1,)) for n, t in INPUTS.items()],
-        outputs=[Tensor(name="audio", dtype=np.float32, shape=(2, -1)),
+        outputs=[Tensor(name="audio", dtype=np.float32, shape=(scheduler.family.channels, -1)),
                  Tensor(name="sample_rate", dtype=np.int32, shape=(1,)),
                  Tensor(name="batch_size", dtype=np.int32, shape=(1,))],
         # Triton's own batcher stays off: it would hand several requests to one call and fail them together
@@ -388,8 +304,8 @@ def _launch(triton: Any, workspace: Any, server: ServerConfig, timeout_s: float)
     return None
 
 
-def _start_triton(triton_cls: Any, server: ServerConfig, scheduler: GenerateScheduler, pipeline: Pipeline,
-                  in_flight: InFlight, attempts: int = LOAD_ATTEMPTS, timeout_s: float = STARTUP_TIMEOUT_S) -> Any:
+def _start_triton(triton_cls: Any, server: ServerConfig, scheduler: GenerateScheduler, in_flight: InFlight,
+                  attempts: int = LOAD_ATTEMPTS, timeout_s: float = STARTUP_TIMEOUT_S) -> Any:
     """Start tritonserver with `quadit_generate` loaded before its endpoints open; start afresh if that fails.
 
     Readiness (issue 23.1): with PyTriton's default lifecycle tritonserver starts with an empty repository,
@@ -412,7 +328,7 @@ def _start_triton(triton_cls: Any, server: ServerConfig, scheduler: GenerateSche
     for attempt in range(1, attempts + 1):
         workspace = Workspace()
         triton = triton_cls(config=triton_config(server), workspace=workspace, triton_lifecycle_policy=policy)
-        bind(triton, scheduler, pipeline, in_flight)
+        bind(triton, scheduler, in_flight)
         harden_handshake(workspace.model_store_path / MODEL_NAME / "1")
         t0 = time.monotonic()
         try:
@@ -433,9 +349,11 @@ def _start_triton(triton_cls: Any, server: ServerConfig, scheduler: GenerateSche
     raise InputError(f"Triton could not load {MODEL_NAME} ({attempts} attempts): {failure}")
 
 
-def serve(pipeline: Pipeline, server: ServerConfig, scheduling: SchedulerConfig,
+def serve(pipeline: Any, server: ServerConfig, scheduling: SchedulerConfig,
           ready: threading.Event | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT (or Triton dies); drain, stop, and return the exit code.
+    """Run the server over `pipeline` (a Stable Audio Open `Pipeline` or a `UNetPipeline`: `served_family`
+    picks the request parsing and batcher) until SIGTERM/SIGINT (or Triton dies); drain, stop, and return
+    the exit code.
 
     On a signal: no new generation is accepted (those requests get an error), every queued or running one
     finishes and is answered, then Triton stops. Exit code 0 after a clean drain, 1 if Triton died."""
@@ -446,14 +364,16 @@ def serve(pipeline: Pipeline, server: ServerConfig, scheduling: SchedulerConfig,
     logging.getLogger("pytriton.proxy.inference").addFilter(RequestErrorsAtDebug())
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    scheduler = GenerateScheduler(pipeline, scheduling)
+    family = served_family(pipeline)
+    scheduler = GenerateScheduler(pipeline, scheduling, family=family)
     in_flight, code = InFlight(scheduling.inflight), 0
     triton = None
     try:
-        triton = _start_triton(Triton, server, scheduler, pipeline, in_flight)
-        log.info("serving %s on http://%s:%d, grpc %s:%d, metrics http://%s:%d/metrics (max batch %d, queue "
-                 "delay %g ms, time limit %g s from arrival, %d requests in flight)",
-                 MODEL_NAME, server.host, server.http_port, server.host,
+        triton = _start_triton(Triton, server, scheduler, in_flight)
+        log.info("serving %s (%s family, %d Hz, %d channel(s)) on http://%s:%d, grpc %s:%d, metrics "
+                 "http://%s:%d/metrics (max batch %d, queue delay %g ms, time limit %g s from arrival, %d requests "
+                 "in flight)", MODEL_NAME, family.name, family.sample_rate, family.channels, server.host,
+                 server.http_port, server.host,
                  server.grpc_port, server.host, server.metrics_port, scheduling.max_batch,
                  scheduling.max_queue_delay_ms, scheduling.request_timeout_s, scheduling.inflight)
         if ready is not None:
