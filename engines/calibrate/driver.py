@@ -24,6 +24,8 @@ from tqdm import tqdm
 from calibration.collector import ActivationCollector, BucketSpec, ObserverSettings
 from calibration.probes import TrajectoryProbe
 from calibration.selection import SampleRecorder, select_samples, selection_coverage
+from engines.calibrate.attention_stats import PREFIX as ATTN_PREFIX
+from engines.calibrate.attention_stats import AttentionStats
 from engines.runtime.backends import TorchBackend
 from engines.runtime.estimate import log_estimate
 from engines.runtime.pipeline import GenerateOptions, Pipeline
@@ -52,6 +54,8 @@ class CalibrationSettings:
     # smoothing (a reservoir of input rows per bucket) need; see calibration/collector.py
     second_moments: bool = True
     sample_rows: int = 128
+    # ranges of every attention core's Q, K and V (engines/calibrate/attention_stats.py), what --attention fp8 needs
+    attention_stats: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 2 or not 1 <= self.buckets <= self.steps:
@@ -114,6 +118,8 @@ class _Run:
         self.blocks = dict(blocks)
         self.block_collector = ActivationCollector(self.blocks, self.buckets, settings.steps,
                                                    ObserverSettings(percentiles=settings.percentiles))
+        self.attention = AttentionStats(dit, self.buckets, settings.steps, settings.percentiles) \
+            if settings.attention_stats else None
         snap = settings.steps // 2
         self.probes = {"range": TrajectoryProbe(blocks[0][1], settings.steps, snap),
                        "map": TrajectoryProbe(self.layers[last_qkv], settings.steps, snap)}
@@ -136,6 +142,8 @@ class _Run:
         active = self.active(self.prompt_index, self.step)
         self.collector.begin_step(self.step, t, active, self.prompt_index)
         self.block_collector.begin_step(self.step, t, active, self.prompt_index)
+        if self.attention is not None:
+            self.attention.collector.begin_step(self.step, t, active, self.prompt_index)
         for probe in self.probes.values():
             probe.step = self.step
         self.step += 1
@@ -150,7 +158,11 @@ class _Run:
         handle = self.dit_wrapper.register_forward_pre_hook(self._on_dit_call)
         try:
             with self.collector, self.block_collector, self.probes["range"], self.probes["map"]:
-                self.pipeline.generate_latents(opts)
+                if self.attention is None:
+                    self.pipeline.generate_latents(opts)
+                else:
+                    with self.attention:
+                        self.pipeline.generate_latents(opts)
         finally:
             handle.remove()
 
@@ -158,6 +170,8 @@ class _Run:
     def state(self) -> dict[str, torch.Tensor]:
         out = dict(self.collector.state)
         out.update(self.block_collector.state)
+        if self.attention is not None:
+            out.update({ATTN_PREFIX + k: v for k, v in self.attention.collector.state.items()})
         for key, probe in self.probes.items():
             out.update(probe.tensors(f"probe.{key}"))
         return out
@@ -170,6 +184,9 @@ class _Run:
                                           and k.rsplit(".", 1)[0] in self.blocks})
         for key, probe in self.probes.items():
             probe.load(f"probe.{key}", state)
+        if self.attention is not None:
+            self.attention.collector.merge_state({k[len(ATTN_PREFIX):]: v for k, v in state.items()
+                                                  if k.startswith(ATTN_PREFIX)})
 
 
 def _loop(run: _Run, indices: list[int], tag: str, key: str, rank: int,
@@ -273,6 +290,8 @@ def _calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSet
         run.block_collector.all_reduce(list(run.blocks))
         for probe in run.probes.values():
             probe.all_reduce()
+        if run.attention is not None:
+            run.attention.collector.all_reduce(run.attention.keys())
     if rank != 0:
         return None
     layer_order = list(run.layers)
@@ -281,6 +300,8 @@ def _calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSet
                     if k.endswith((".ch_absmax", ".step_absmax"))})
     for k, probe in run.probes.items():
         tensors.update(probe.tensors(f"probe.{k}"))
+    if run.attention is not None:
+        tensors.update(run.attention.tensors())
     meta = {
         "model": loaded.identity,
         "sampler": run.sampler,
@@ -296,6 +317,7 @@ def _calibrate(loaded: LoadedModel, prompts: list[str], settings: CalibrationSet
         "selection": selection_meta,
         "settings": asdict(settings),
         "world_size": world,
+        **({"attention": run.attention.meta()} if run.attention is not None else {}),
         **(extra_meta or {}),
     }
     with atomic_dir(out) as tmp:

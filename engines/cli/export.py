@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-int8", default=Recipe.attention_int8, choices=ATTENTION_INT8,
                         help="ONNX Runtime target: dynamic-qk runs attention's Q·Kᵀ as DynamicQuantizeLinear + "
                              f"MatMulInteger (default {Recipe.attention_int8}: measured slower on AVX2 without VNNI)")
+    parser.add_argument("--attention", default="none", choices=("none", "fp8"),
+                        help="TensorRT target with --scheme fp8: fp8 puts Q, K, V and the softmax output of every "
+                             "attention core in FP8 so TensorRT runs its fused FP8 attention (needs an artifact "
+                             "with attention statistics)")
     parser.add_argument("--dynamic-kernel", default="dql", help="dynamic mode in ORT: dql "
                         "(DynamicQuantizeLinear+MatMulInteger) or nbits (MatMulNBits, int8 compute)")
     parser.add_argument("--recipe", help="a recipe JSON file (overrides the flags above)")
@@ -86,7 +90,8 @@ def _recipe(args: argparse.Namespace):
     return Recipe(scheme=args.scheme if args.scheme in QUANTIZED else "w8a8", method=method, alpha=args.alpha,
                   lowrank=args.lowrank, activations=args.activations, bucket_policy=policy, block_size=args.block_size,
                   weight_rounding=args.weight_rounding, weight_clip=args.weight_clip, act_clip=args.act_clip,
-                  alpha_search=args.alpha_search, attention_int8=args.attention_int8)
+                  alpha_search=args.alpha_search, attention_int8=args.attention_int8,
+                  attention_quant=args.attention)
 
 
 def _calibrate(loaded, args: argparse.Namespace, prompts: list[str], seconds: float, scratch: Path) -> Path:
@@ -180,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
             check_int4_blocks(loaded, quant.recipe, quant.target)
             calibration = read_calibration(Path(args.calibration), loaded) if args.calibration else None
+            if calibration is not None and quant.recipe.attention_quant != "none":
+                from exporter.passes.fp8_attention import check_ranges
+
+                check_ranges(calibration.attention)
             if calibration is not None:
                 cal_prompts = _calibration_prompts(args, calibration.meta["prompts"]["list"])
             calib_seconds = None if calibration else pick_seconds(

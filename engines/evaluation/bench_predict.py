@@ -1,5 +1,5 @@
-"""`scripts/bench.py --predict`: the roofline PREDICTION of TensorRT FP16, w8a8, fp8 and w4a16 DiT engines per GPU
-(a UNet-family model, AudioLDM / TANGO: FP16 and w8a8 UNet engines, `predict_unet_main`).
+"""`scripts/bench.py --predict`: the roofline PREDICTION of TensorRT FP16, w8a8, fp8 (GEMMs only, and with FP8 attention)
+and w4a16 DiT engines per GPU (a UNet-family model, AudioLDM / TANGO: FP16 and w8a8 UNet engines, `predict_unet_main`).
 
 Nothing is timed. The TensorRT-target graphs are built as `scripts/export.py --target tensorrt` builds them
 (the FP16 DiT, quantized with FP16 scales), read by the precision map (what a strongly typed build runs each
@@ -25,11 +25,13 @@ log = logging.getLogger("bench.predict")
 # do not change: weights are rounded to nearest, which needs no second moments and is quick at full size.
 RECIPES = {"w8a8": dict(scheme="w8a8", **ROUND_TO_NEAREST),
            "fp8": dict(scheme="fp8", **ROUND_TO_NEAREST),
+           "fp8 + fp8 attention": dict(scheme="fp8", attention_quant="fp8", **ROUND_TO_NEAREST),
            "w4a16": dict(scheme="w4a16", block_size=128, **ROUND_TO_NEAREST)}
 
 
 def flat_calibration(loaded, buckets: int = 4):
     """Unit ranges for every quantizable layer over `buckets` equal-width timestep buckets."""
+    from engines.calibrate.attention_stats import attention_modules
     from exporter.models.layers import quantizable_linears
     from exporter.passes.quantize import LayerStats
     from exporter.stages.quantized import Calibration
@@ -37,7 +39,8 @@ def flat_calibration(loaded, buckets: int = 4):
     stats = {n: LayerStats(np.ones((buckets, m.in_features), np.float32), np.ones(buckets, np.float32))
              for n, m in quantizable_linears(loaded.dit).items()}
     edges = tuple(float(e) for e in np.linspace(1.0, 0.0, buckets + 1))
-    return Calibration(Path("."), {"artifact_sha256": "flat"}, stats, edges)
+    attention = {f"{m}.{p}": np.ones(buckets, np.float32) for m in attention_modules(loaded.dit) for p in "qkv"}
+    return Calibration(Path("."), {"artifact_sha256": "flat"}, stats, edges, attention)
 
 
 def _chart(doc: dict[str, Any], path: Path, length: int, subject: str = "DiT call", unit: str = "latents") -> None:

@@ -37,6 +37,8 @@ CLIPS = ("absmax", "mse")
 ALPHA_SEARCHES = ("noise", "loss")
 # INT8 attention scores (exporter/passes/int8_attention.py), ONNX Runtime target only
 ATTENTION_INT8 = ("none", "dynamic-qk")
+# FP8 attention cores (exporter/passes/fp8_attention.py): TensorRT target, beside fp8 GEMMs only
+ATTENTION_QUANT = ("none", "fp8")
 # ONNX Runtime's blocked DequantizeLinear / MatMulNBits take any power of two >= 16
 ORT_INT4_BLOCKS = (16, 32, 64, 128, 256, 512, 1024)
 # TensorRT's INT4 weight-only GEMM: block sizes 64 and 128 only (ARCHITECTURE.md section 3; NVIDIA's ONNX INT4
@@ -96,6 +98,8 @@ class Recipe:
     # issue 10: INT8 Q·Kᵀ at run time; off by default (slower than FP32 attention on AVX2 without VNNI and
     # costs accuracy; docs/figures.md, issue 10 section)
     attention_int8: str = "none"
+    # issue 22: Q, K, V and the softmax output in FP8 E4M3 for TensorRT's fused FP8 MHA (`--attention fp8`)
+    attention_quant: str = "none"
     min_sqnr_db: float | None = None
     min_cosine: float | None = None
     version: int = RECIPE_VERSION
@@ -109,7 +113,8 @@ class Recipe:
         for name, value, allowed in (("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS),
                                      ("weight_clip", self.weight_clip, CLIPS), ("act_clip", self.act_clip, CLIPS),
                                      ("alpha_search", self.alpha_search, ALPHA_SEARCHES),
-                                     ("attention_int8", self.attention_int8, ATTENTION_INT8)):
+                                     ("attention_int8", self.attention_int8, ATTENTION_INT8),
+                                     ("attention_quant", self.attention_quant, ATTENTION_QUANT)):
             if value not in allowed:
                 raise InputError(f"unknown {name} '{value}' (choose from: {', '.join(allowed)})")
         if self.version != RECIPE_VERSION:
@@ -135,6 +140,8 @@ class Recipe:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["rules"] = [{"pattern": r.pattern, "action": r.action, "overrides": dict(r.overrides)} for r in self.rules]
+        if data["attention_quant"] == "none":  # written only when set: older recipes keep their JSON and digest
+            del data["attention_quant"]
         return data
 
     @classmethod
@@ -156,6 +163,10 @@ class Recipe:
             raise InputError(f"unknown target '{target}' (choose from: {', '.join(TARGETS)})")
         schemes = {self.scheme} | {dict(r.overrides)["scheme"] for r in self.rules
                                    if r.action == "override" and "scheme" in dict(r.overrides)}
+        if self.attention_quant != "none":
+            from exporter.passes.fp8_attention import check_attention_target
+
+            check_attention_target(self, target)
         if target != "tensorrt":
             if "fp8" in schemes:
                 raise InputError("fp8 needs --target tensorrt: FP8 GEMMs are TensorRT's (Ada, Hopper, Blackwell); "

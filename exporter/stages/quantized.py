@@ -33,9 +33,10 @@ from exporter.onnx import graph_edit
 from exporter.onnx.artifacts import link_or_copy
 from exporter.onnx.linear_nodes import locate_linears
 from exporter.onnx.torch_export import PROTOBUF_LIMIT
+from exporter.passes.fp8_attention import quantize_attention_fp8
 from exporter.passes.int8_attention import quantize_attention_scores
 from exporter.passes.ort_fusion import ATTENTION_OPS, ORT_SESSION_CONFIG, fuse_attention
-from exporter.passes.quantize import DYNAMIC_KERNELS, LayerStats, quantize_dit
+from exporter.passes.quantize import DYNAMIC_KERNELS, LayerStats, float_type, quantize_dit
 from exporter.passes.recipe import Recipe
 from exporter.stages.export import dit_spec
 from exporter.tensorrt.checker import TRT_INT4_BLOCKS, check_graph
@@ -72,6 +73,9 @@ class Calibration:
     meta: dict[str, Any]
     stats: dict[str, LayerStats]
     edges: tuple[float, ...]
+    # per attention module and part ("<module>.q|k|v"): per-bucket abs-max [K]; None when the artifact predates
+    # attention statistics (exporter/passes/fp8_attention.py refuses --attention fp8 then)
+    attention: dict[str, np.ndarray] | None = None
 
 
 def read_calibration(directory: Path, loaded: LoadedModel) -> Calibration:
@@ -84,7 +88,15 @@ def read_calibration(directory: Path, loaded: LoadedModel) -> Calibration:
 
     stats = {n: LayerStats(tensors[f"{n}.ch_absmax"].numpy(), tensors[f"{n}.absmax"].numpy(), get(f"{n}.xtx"),
                            get(f"{n}.rows")) for n in layers}
-    return Calibration(Path(directory), meta, stats, tuple(meta["buckets"]["edges"]))
+    return Calibration(Path(directory), meta, stats, tuple(meta["buckets"]["edges"]), attention_ranges(meta, tensors))
+
+
+def attention_ranges(meta: dict[str, Any], tensors: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """`<module>.q|k|v` -> per-bucket abs-max of an artifact with attention statistics, else None."""
+    info = meta.get("attention")
+    if not info:
+        return None
+    return {f"{m}.{p}": tensors[f"attn.{m}.{p}.absmax"].float().numpy() for m in info["modules"] for p in info["parts"]}
 
 
 def check_int4_blocks(loaded: LoadedModel, recipe: Recipe, target: str) -> dict[str, int | None]:
@@ -125,7 +137,11 @@ def quantize_graph(fp32_path: Path, layers: Sequence[str], calibration: Calibrat
                    bucket: int | None = None, dynamic_kernel: str = "dql") -> tuple[onnx.ModelProto, dict]:
     model = onnx.load(str(fp32_path))
     sites = locate_linears(model, list(layers))
+    ftype = float_type(model, sites[next(iter(sites))].weight) if sites else np.float32
     model, record = quantize_dit(model, sites, calibration.stats, calibration.edges, recipe, bucket, dynamic_kernel)
+    if recipe.attention_quant == "fp8":
+        model, attention = quantize_attention_fp8(model, calibration.attention, ftype, bucket)
+        record.update(attention)
     if recipe.attention_int8 == "dynamic-qk":
         model, cores = quantize_attention_scores(model)
         log.info("attention scores in INT8 (dynamic) in %d cores", cores)

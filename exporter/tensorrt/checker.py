@@ -84,6 +84,9 @@ def check_graph(model: onnx.ModelProto, block_sizes: tuple[int, ...] = TRT_INT4_
                 if p is not None and p.op_type == "DequantizeLinear":
                     bad.append(Violation("float islands", n.name, f"{n.op_type} must run unquantized, its input "
                                          f"{i} comes from DQ {p.name}"))
+    from exporter.tensorrt.attention_rules import check_attention
+
+    bad.extend(Violation(*v) for v in check_attention(model))
     for out in g.output:
         p = producers.get(out.name)
         if p is not None and p.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -153,6 +156,8 @@ def _check_matmul(n: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits
         return []
     weight_types = [inits[p.input[0]].data_type for p in dq if p is not None and p.input[0] in inits]
     act_dq = [p for p in dq if p is not None and p.input[0] not in inits]
+    if len(act_dq) == 2:
+        return []  # an attention MatMul (activation x activation): exporter/tensorrt/attention_rules.py
     if TensorProto.INT8 in weight_types and not act_dq:
         return [Violation("Q/DQ on both inputs", n.name, "an INT8 weight needs an INT8 activation Q/DQ on the "
                           "other MatMul input (only INT4 weights may be weight-only)")]
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             share = ", ".join(f"{k} {100 * v:.1f}%" for k, v in pmap.flop_share().items())
             print(f"{path.name}: {sum(x.flops for x in pmap.layers) / 1e9:.1f} GFLOP at {args.latents} latents, "
                   f"batch {args.batch}: {share}; attention cores fusable {pmap.fusable_attention_cores}/"
-                  f"{pmap.attention_cores}")
+                  f"{pmap.attention_cores} (fused FP8 MHA: {pmap.fp8_attention_cores})")
             problems = problems + [f"precision: {v}" for v in pmap.violations]
         for p in problems:
             print(f"{path.name}: {p}")

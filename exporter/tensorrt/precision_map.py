@@ -66,6 +66,8 @@ class PrecisionMap:
     violations: list[str] = field(default_factory=list)
     attention_cores: int = 0
     fusable_attention_cores: int = 0
+    # fusable cores with FP8 Q/DQ on Q, Kᵀ, the softmax output and V: TensorRT's fused FP8 MHA
+    fp8_attention_cores: int = 0
     # Q, K, V and output bytes per attention core (what a fused MHA kernel moves), by Softmax node
     attention_io_bytes: dict[str, float] = field(default_factory=dict)
     # read + write bytes of the float elementwise/data-movement ops between the compute layers
@@ -85,6 +87,7 @@ class PrecisionMap:
         return {"latents": self.latents, "batch": self.batch, "gflops": sum(x.flops for x in self.layers) / 1e9,
                 "flop_share": self.flop_share(), "layers": {k: dict(v) for k, v in kinds.items()},
                 "attention_cores": self.attention_cores, "fusable_attention_cores": self.fusable_attention_cores,
+                "fp8_attention_cores": self.fp8_attention_cores,
                 "pointwise_mbytes": self.pointwise_bytes / 1e6, "violations": list(self.violations)}
 
     def table(self) -> str:
@@ -226,7 +229,8 @@ def _matmul(g: _Graph, n: onnx.NodeProto) -> Layer:
             precision, quantized = compute + (" (TF32)" if compute == "FP32" else ""), kind_w == "weight-dq"
         return Layer(n.name, n.op_type, "weight GEMM", precision, compute, flops, in_bytes + w_bytes, w_bytes, quantized)
     both_q = all(kind == "act-dq" for kind, _ in act_side)
-    precision = f"INT8 ({compute} out)" if both_q else compute + (" (TF32)" if compute == "FP32" else "")
+    qtype = "FP8" if both_q and all(t == TensorProto.FLOAT8E4M3FN for _, t in act_side) else "INT8"
+    precision = f"{qtype} ({compute} out)" if both_q else compute + (" (TF32)" if compute == "FP32" else "")
     return Layer(n.name, n.op_type, "attention MatMul", precision, compute, flops, in_bytes, 0.0, both_q)
 
 
@@ -284,13 +288,47 @@ def _attention_cores(g: _Graph, model: onnx.ModelProto) -> tuple[int, int, list[
             continue
         cores += 1
         bmm1, bmm2 = node, nxt[0]
-        io[n.name] = g.nbytes(bmm1.input[0]) + g.nbytes(bmm1.input[1]) + g.nbytes(bmm2.input[1]) + g.nbytes(bmm2.output[0])
+        io[n.name] = sum(_core_input_bytes(g, t) for t in (bmm1.input[0], bmm1.input[1], bmm2.input[1])) + \
+            g.nbytes(bmm2.output[0])
         if casts:
             problems.append(f"{n.name}: attention core has Cast {casts[0]} between its MatMuls "
                             "(TensorRT's fused MHA needs Q.K^T -> Softmax -> .V in one type)")
         else:
             fusable += 1
     return cores, fusable, problems, io
+
+
+def _core_input_bytes(g: _Graph, tensor: str) -> float:
+    """Bytes a fused MHA reads for one of Q, Kᵀ, V: FP8 (one byte) where an FP8 DQ feeds it (its Q fuses into the
+    op that produced the tensor), else the tensor's own type."""
+    kind, dq, t = g.source(tensor)
+    return g.nbytes(tensor, TensorProto.FLOAT8E4M3FN) if kind == "act-dq" and t == TensorProto.FLOAT8E4M3FN \
+        else g.nbytes(tensor)
+
+
+def _inside_core(g: _Graph, n: onnx.NodeProto) -> bool:
+    """The softmax output's QuantizeLinear: part of the fused FP8 MHA (the score matrix never leaves the chip)."""
+    p = g.producers.get(n.input[0]) if n.op_type == "QuantizeLinear" else None
+    return p is not None and p.op_type == "Softmax"
+
+
+def _fp8_cores(model: onnx.ModelProto, layers: list[Layer], pmap: PrecisionMap) -> int:
+    """Fusable cores (no Cast, exporter/tensorrt/attention_rules.py for the Q/DQ rules) whose two MatMuls are FP8."""
+    if pmap.fusable_attention_cores != pmap.attention_cores:
+        return 0
+    precision = {x.node: x.precision for x in layers}
+    producers, users = graph_edit.producers(model), graph_edit.consumers(model)
+    count = 0
+    for n in model.graph.node:
+        if n.op_type != "Softmax" or n.name not in pmap.attention_io_bytes:
+            continue
+        nxt = users.get(n.output[0], [])
+        while len(nxt) == 1 and nxt[0].op_type in ("QuantizeLinear", "DequantizeLinear"):
+            nxt = users.get(nxt[0].output[0], [])
+        bmm1 = producers.get(n.input[0])
+        if bmm1 is not None and nxt and all(precision.get(m.name, "").startswith("FP8") for m in (bmm1, nxt[0])):
+            count += 1
+    return count
 
 
 # ops that move no data in an engine (shape bookkeeping) or that fuse into the GEMM they feed (DQ)
@@ -302,7 +340,8 @@ def _pointwise_bytes(g: _Graph, model: onnx.ModelProto) -> float:
     """Memory traffic of the ops between the compute layers, with TensorRT's pointwise fusion modelled: connected
     elementwise/data-movement ops (QuantizeLinear included, so a pre-scale Mul fuses into the quantizer) form one
     kernel that reads its outside inputs once and writes the tensors used outside it once."""
-    pointwise = [n for n in model.graph.node if n.op_type not in COMPUTE_OPS and n.op_type not in _FREE]
+    pointwise = [n for n in model.graph.node if n.op_type not in COMPUTE_OPS and n.op_type not in _FREE
+                 and not _inside_core(g, n)]
     index = {id(n): i for i, n in enumerate(pointwise)}
     parent = list(range(len(pointwise)))
 
@@ -357,6 +396,7 @@ def precision_map(model: onnx.ModelProto, latents: int = 1024, batch: int = 2,
     pmap = PrecisionMap(latents, batch, layers)
     pmap.attention_cores, pmap.fusable_attention_cores, core_problems, pmap.attention_io_bytes = _attention_cores(g, model)
     pmap.pointwise_bytes = _pointwise_bytes(g, model)
+    pmap.fp8_attention_cores = _fp8_cores(model, layers, pmap)
     if any(x.quantized for x in layers):  # the rules below are about quantized (TensorRT-target) graphs
         for x in layers:
             if x.compute == "FP32" and (x.quantized or x.kind in ("attention MatMul", "Softmax")):

@@ -11,6 +11,9 @@ no Cast), it runs as TensorRT's fused MHA: FLOPs of the two batched MatMuls on F
 Q, K, V and the output only (the score matrix never leaves the chip). INT8 attention is not fused beyond 512
 tokens (TensorRT developer guide, MHA fusion: INT8 needs sequence lengths <= 512 and head size 16/32/64),
 so INT8 BMMs at SAO's 1025 tokens are costed unfused, with the score matrix written and read.
+FP8 attention (`--attention fp8`, exporter/passes/fp8_attention.py): where every core is a fused FP8 MHA (the
+precision map's `fp8_attention_cores`), its two BMMs run at the FP8 peak and read Q, K and V as one byte each
+(`attention_peak`); the softmax output's quantizer is inside the kernel and moves no data.
 
 Peaks are NVIDIA's data-sheet figures without sparsity (the sheets print sparse figures with an asterisk;
 these are half of those):
@@ -85,6 +88,16 @@ def _layer_seconds(flops: float, nbytes: float, peak: float, gpu: Gpu) -> float:
     return max(flops / (peak * COMPUTE_EFFICIENCY), nbytes / (gpu.bandwidth_tbs * 1e12 * MEMORY_EFFICIENCY))
 
 
+def attention_peak(pmap: PrecisionMap, gpu: Gpu) -> float:
+    """The peak a fused MHA's two BMMs run at: FP8 where every core is a fused FP8 MHA (Q, Kᵀ, P, V in E4M3;
+    exporter/passes/fp8_attention.py) and the GPU has FP8 tensor cores, else FP16. TensorRT 10.6 added FP8 MHA
+    fusion on Ada for sequence lengths up to 3072 and head sizes up to 64 (TensorRT 10.6.0 release notes), which
+    SAO's 1025 tokens of 64-wide heads fit; Hopper and Blackwell had it before."""
+    if gpu.fp8_tflops and pmap.attention_cores and pmap.fp8_attention_cores == pmap.attention_cores:
+        return gpu.fp8_tflops * 1e12
+    return gpu.fp16_tflops * 1e12
+
+
 def predict(pmap: PrecisionMap, gpu: Gpu) -> dict[str, float]:
     """Predicted milliseconds of one DiT call, split into GEMMs, attention, other compute and pointwise."""
     parts = {"weight_gemms": 0.0, "attention": 0.0, "norms_convs": 0.0, "pointwise": 0.0}
@@ -101,7 +114,7 @@ def predict(pmap: PrecisionMap, gpu: Gpu) -> dict[str, float]:
         flops = sum(x.flops for x in matmuls)
         # fused MHA: Q, K, V in and O out; the first BMM's inputs are Q and K, the second's V and O is its output
         io = sum(pmap.attention_io_bytes.values()) if pmap.attention_io_bytes else sum(x.bytes for x in matmuls) / 2
-        parts["attention"] = _layer_seconds(flops, io, gpu.fp16_tflops * 1e12, gpu)
+        parts["attention"] = _layer_seconds(flops, io, attention_peak(pmap, gpu), gpu)
     else:
         for x in attention:
             parts["attention"] += _layer_seconds(x.flops, x.bytes, gpu.peak(x.precision), gpu)
