@@ -52,6 +52,8 @@ class UNetCalibration:
     summary: dict[str, Any]
     samples: SampleRecorder | None = None
     full: dict[str, torch.Tensor] = field(default_factory=dict)
+    # E[p p^T] per layer over im2col'd patches (engines.calibrate.unet_moments), when asked for
+    xtx: dict[str, np.ndarray] = field(default_factory=dict)
 
     def from_samples(self, chosen: Sequence[tuple[int, int]]) -> "UNetCalibration":
         """The statistics a calibration set of only the `chosen` (prompt, step) samples would have given; a bucket
@@ -84,8 +86,13 @@ def _layers(unet: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def calibrate_unet(model: Any, prompts: Sequence[str], settings: UNetCalibrationSettings,
-                   record_samples: bool = False) -> UNetCalibration:
-    """Run the PyTorch UNet over `prompts` with the collector hooked (see the module docstring)."""
+                   record_samples: bool = False, second_moments: bool = False) -> UNetCalibration:
+    """Run the PyTorch UNet over `prompts` with the collector hooked (see the module docstring);
+    `second_moments` also sums each layer's E[p p^T] (GPTQ rounding, --auto-precision)."""
+    from contextlib import nullcontext
+
+    from engines.calibrate.unet_moments import MOMENT_PROMPTS, SecondMoments
+
     if not prompts:
         raise InputError("calibration needs at least one prompt")
     layers = _layers(model.unet)
@@ -102,8 +109,11 @@ def calibrate_unet(model: Any, prompts: Sequence[str], settings: UNetCalibration
 
     uncond = torch_conditioning(model, [""]) if cfg > 1.0 else None
     recorder = SampleRecorder(list(layers), buckets, collector) if record_samples else None
-    with collector:
+    moments = SecondMoments(layers) if second_moments else None
+    with collector, (moments if moments is not None else nullcontext()):
         for i, prompt in enumerate(tqdm(list(prompts), desc="calibrate", unit="prompt")):
+            if moments is not None:
+                moments.active = i < MOMENT_PROMPTS
             sample_latents(model.dims(), model.scheduler_config, unet, torch_conditioning(model, [prompt]), uncond,
                            settings.steps, cfg, settings.seconds, settings.seed + i,
                            on_step=lambda k, t, i=i: collector.begin_step(k, t, prompt=i))
@@ -120,4 +130,5 @@ def calibrate_unet(model: Any, prompts: Sequence[str], settings: UNetCalibration
              settings.buckets, summary["range_growth_median"], summary["layers_with_outliers"])
     if recorder is not None:
         recorder.detach()
-    return UNetCalibration(tuple(buckets.edges), ch_absmax, summary, recorder, tensors if record_samples else {})
+    return UNetCalibration(tuple(buckets.edges), ch_absmax, summary, recorder, tensors if record_samples else {},
+                           moments.result() if moments is not None else {})

@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger("export")
-UNET_SCHEMES = ("fp32", "w8a8")
+UNET_SCHEMES = ("fp32", "w8a8", "w4a16", "w4a8")
 # DiT-only options: refused for a UNet model rather than silently ignored
-_DIT_ONLY = {"lowrank": 0, "activations": "static", "bucket_policy": "per-bucket-scale", "recipe": None,
-             "auto_precision": False, "size_budget": None, "calibration": None, "t5": None}
+_DIT_ONLY = {"activations": "static", "bucket_policy": "per-bucket-scale", "recipe": None, "calibration": None,
+             "t5": None}
 
 
 def _refuse_dit_options(args: argparse.Namespace) -> None:
@@ -23,12 +23,25 @@ def _refuse_dit_options(args: argparse.Namespace) -> None:
     for name, default in _DIT_ONLY.items():
         if getattr(args, name, default) != default:
             raise InputError(f"--{name.replace('_', '-')} is not available for the UNet family yet (issue 21); "
-                             f"UNet exports take --scheme {'/'.join(UNET_SCHEMES)}, --method, --alpha, --target")
+                             f"UNet exports take --scheme {'/'.join(UNET_SCHEMES)}, --method, --alpha, --target, --lowrank, "
+                             "--weight-rounding, --block-size, --w4-layers, --auto-precision/--size-budget, "
+                             "--residual-qdq")
     if args.scheme not in UNET_SCHEMES:
         raise InputError(f"scheme '{args.scheme}' is not available for the UNet family (choose from: "
                          f"{', '.join(UNET_SCHEMES)})")
     if args.device != "cpu":
         raise InputError("--device is for DiT exports; UNet-family exports run on the CPU")
+
+
+def _lowbit_options(args: argparse.Namespace) -> dict:
+    """The low-bit / mixed-precision fields of UNetQuantOptions from the shared export flags (UNet defaults:
+    round to nearest, INT4 block 64, which divides every input-channel count of the minis)."""
+    globs = tuple(p.strip() for p in (getattr(args, "w4_layers", None) or "").split(",") if p.strip())
+    block = getattr(args, "block_size", 128)
+    return {"lowrank": getattr(args, "lowrank", 0), "weight_rounding": getattr(args, "weight_rounding", None) or "nearest",
+            "block_size": 64 if block == 128 else block, "w4_layers": globs,
+            "auto_precision": bool(getattr(args, "auto_precision", False)), "size_budget": getattr(args, "size_budget", None),
+            "residual_qdq": bool(getattr(args, "residual_qdq", False))}
 
 
 def export_unet(args: argparse.Namespace) -> int:
@@ -47,7 +60,8 @@ def export_unet(args: argparse.Namespace) -> int:
         quant = UNetQuantOptions(scheme=args.scheme, method=args.method, alpha=args.alpha, target=args.target,
                                  calib_prompts=args.calib_prompts, calib_steps=args.calib_steps,
                                  report_prompts=args.report_prompts, report_steps=args.report_steps,
-                                 calib_seconds=args.calib_seconds, report_seconds=args.report_seconds)
+                                 calib_seconds=args.calib_seconds, report_seconds=args.report_seconds,
+                                 **_lowbit_options(args))
     model = load_unet_model(unet_model_name(args), args.checkpoint, args.synthetic_weights, args.seed)
     if quant is not None:
         from engines.evaluation.unet_report import unet_quant_stages

@@ -208,7 +208,8 @@ def unet_quant_stages(model: Any, options: UNetQuantOptions, ort_baseline: bool 
         settings = UNetCalibrationSettings(steps=options.calib_steps, buckets=min(options.calib_buckets,
                                                                                   options.calib_steps),
                                            seconds=seconds["calib"])
-        calibration = calibrate_unet(model, calib_prompts, settings)
+        calibration = calibrate_unet(model, calib_prompts, settings,
+                                     second_moments=options.weight_rounding == "gptq" or options.auto_precision)
         with tempfile.TemporaryDirectory(prefix="quadit-unetq-") as scratch_dir:
             scratch = Path(scratch_dir)
             fp32 = scratch / "unet.fp32.onnx"
@@ -217,7 +218,16 @@ def unet_quant_stages(model: Any, options: UNetQuantOptions, ort_baseline: bool 
             if options.target == "tensorrt":
                 base = scratch / "unet.fp16.onnx"
                 export_fp16_unet(model, base)
-            quantized, record = quantize_unet_graph(base, layers, calibration.edges, calibration.ch_absmax, options)
+            precisions = None
+            if options.auto_precision:
+                from engines.evaluation.unet_sensitivity import choose_unet_precisions
+
+                precisions = choose_unet_precisions(base, layers, calibration, options, tmp)
+            quantized, record = quantize_unet_graph(base, layers, calibration.edges, calibration.ch_absmax, options,
+                                                    calibration.xtx, precisions)
+            if options.residual_qdq:
+                record["__residual_qdq__"] = residual_stage(quantized, base, tmp, manifest, calib_prompts, options,
+                                                            seconds["calib"])
             write_quantized_unet(quantized, record, tmp, manifest, options, calibration.summary)
             if report_prompts:
                 # the graph as written into the export (measured as deployed, not a second copy of it)
@@ -225,6 +235,38 @@ def unet_quant_stages(model: Any, options: UNetQuantOptions, ort_baseline: bool 
                         calib_prompts, report_prompts, options, seconds["report"], ort_baseline, modelopt, scratch)
 
     return [stage]
+
+
+def residual_stage(quantized: onnx.ModelProto, base: Path, tmp: Path, manifest: dict[str, Any],
+                   calib_prompts: Sequence[str], options: UNetQuantOptions, seconds: float) -> dict[str, Any]:
+    """TensorRT's residual-Add Q/DQ (`exporter.passes.residual_qdq`): the residual tensors' abs-max measured on the
+    base graph over the first calibration prompts' trajectories, then the Q/DQ placed in `quantized`."""
+    from exporter.passes.residual_qdq import place_residual_qdq, residual_adds
+
+    tensors = sorted({a["residual"] for a in residual_adds(quantized)})
+    probe = onnx.load(str(base))
+    inits = {i.name: i.data_type for i in probe.graph.initializer}
+    ftype = next(inits[n.input[1]] for n in probe.graph.node if n.op_type == "Conv" and n.input[1] in inits)
+    probe.graph.output.extend([onnx.helper.make_tensor_value_info(t, ftype, None) for t in tensors])
+    path = tmp.parent / f".{tmp.name}.residual-probe.onnx"
+    try:
+        onnx.save(probe, str(path))
+        session = ort_session(path)
+        bed = ReportBed(tmp, manifest, options.calib_steps, seconds)
+        ranges = dict.fromkeys(tensors, 0.0)
+
+        class Probe:
+            def run(self, names: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+                outs = session.run(["noise_pred", *tensors], feed)
+                for t, v in zip(tensors, outs[1:]):
+                    ranges[t] = max(ranges[t], float(np.abs(v.astype(np.float32)).max()))
+                return outs[:1]
+
+        for i, prompt in enumerate(calib_prompts[:2]):
+            bed.latents(FeedRecorder(Probe()), prompt, i)
+    finally:
+        path.unlink(missing_ok=True)
+    return place_residual_qdq(quantized, ranges)
 
 
 def _report(model: Any, tmp: Path, manifest: dict[str, Any], fp32: Path, base: Path, q_path: Path,

@@ -23,7 +23,7 @@ from exporter.passes.conv_quant import METHODS, locate_sites, quantize_unet
 from exporter.passes.recipe import TARGETS
 
 log = logging.getLogger(__name__)
-UNET_QUANT_SCHEMES = ("w8a8",)
+UNET_QUANT_SCHEMES = ("w8a8", "w4a16", "w4a8")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,20 @@ class UNetQuantOptions:
     report_steps: int = 10
     calib_seconds: float | None = None  # None: the model's default length
     report_seconds: float | None = None
+    lowrank: int = 0
+    weight_rounding: str = "nearest"
+    block_size: int = 64
+    # w4a8: globs of the layers that take 4-bit weights (the others stay w8a8); empty: every Conv2d
+    w4_layers: tuple[str, ...] = ()
+    auto_precision: bool = False
+    size_budget: float | None = None
+    residual_qdq: bool = False
+
+    @property
+    def mixed(self) -> bool:
+        """Whether exporter.passes.conv_lowbit quantizes (anything but plain nearest-rounded W8A8)."""
+        return (self.scheme != "w8a8" or self.lowrank > 0 or self.weight_rounding != "nearest"
+                or self.auto_precision)
 
     def __post_init__(self) -> None:
         if self.scheme not in UNET_QUANT_SCHEMES:
@@ -51,6 +65,22 @@ class UNetQuantOptions:
             raise InputError(f"--alpha must be within 0..1, got {self.alpha}")
         if self.target not in TARGETS:
             raise InputError(f"unknown target '{self.target}' (choose from: {', '.join(TARGETS)})")
+        if self.weight_rounding not in ("nearest", "gptq"):
+            raise InputError(f"--weight-rounding must be nearest or gptq, got {self.weight_rounding!r}")
+        if self.lowrank < 0 or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InputError(f"need --lowrank >= 0 and --block-size a power of two >= 16 (got {self.lowrank}, "
+                             f"{self.block_size})")
+        if self.scheme == "w4a8" and self.target == "tensorrt":
+            raise InputError("w4a8 does not run in TensorRT (W4A8 is TensorRT-LLM only; ARCHITECTURE.md section 3): "
+                             "use --target onnxruntime")
+        if self.w4_layers and self.scheme != "w4a8":
+            raise InputError("--w4-layers selects the 4-bit layers of --scheme w4a8")
+        if self.auto_precision != (self.size_budget is not None):
+            raise InputError("--auto-precision and --size-budget go together")
+        if self.size_budget is not None and not 0 < self.size_budget <= 1:
+            raise InputError(f"--size-budget must be within (0, 1], got {self.size_budget}")
+        if self.residual_qdq and self.target != "tensorrt":
+            raise InputError("--residual-qdq places TensorRT's residual-Add Q/DQ: use it with --target tensorrt")
         for name, value, least in (("--calib-prompts", self.calib_prompts, 1), ("--calib-steps", self.calib_steps, 2),
                                    ("--report-prompts", self.report_prompts, 0),
                                    ("--report-steps", self.report_steps, 2)):
@@ -82,11 +112,52 @@ def export_fp16_unet(model: Any, path: Path) -> dict[str, Any]:
 
 
 def quantize_unet_graph(base: Path, layers: Sequence[str], edges: Sequence[float], ch_absmax: Mapping[str, np.ndarray],
-                        options: UNetQuantOptions) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
+                        options: UNetQuantOptions, xtx: Mapping[str, np.ndarray] | None = None,
+                        precisions: Mapping[str, str] | None = None) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
+    """Quantize the base graph: plain W8A8 by conv_quant, anything else by conv_lowbit with a plan per layer
+    (`precisions` from --auto-precision, else the scheme's own; see `layer_plans`)."""
     model = onnx.load(str(base))
     sites = locate_sites(model, list(layers))
-    record = quantize_unet(model, sites, ch_absmax, edges, options.method, options.alpha)
+    if not options.mixed:
+        record = quantize_unet(model, sites, ch_absmax, edges, options.method, options.alpha)
+    else:
+        from exporter.passes.conv_lowbit import plan_layers, quantize_unet_mixed
+
+        try:
+            plans, notes = plan_layers(model, sites, layer_plans(sites, options, precisions), options.target)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        record = quantize_unet_mixed(model, sites, plans, ch_absmax, edges, options.method, options.alpha,
+                                     options.weight_rounding, xtx)
+        for note in notes:
+            record[note.split(":")[0].split(" ")[0]]["note"] = note
     return model, record
+
+
+def layer_plans(sites: Mapping[str, Any], options: UNetQuantOptions, precisions: Mapping[str, str] | None = None
+                ) -> dict[str, Any]:
+    """The wanted precision per layer: `precisions` (e.g. "w4a16+r32") where given, else the scheme's; w4a8 puts
+    4-bit weights on the --w4-layers globs (default: every Conv2d, seed 002's Conv2d study) and W8A8 elsewhere."""
+    import fnmatch
+
+    from exporter.passes.conv_lowbit import LayerPlan
+
+    if precisions is not None:
+        out = {}
+        for layer in sites:
+            scheme, _, rank = precisions[layer].partition("+r")
+            out[layer] = LayerPlan(scheme, int(rank or 0), options.block_size)
+        return out
+    if options.scheme != "w4a8":
+        return {layer: LayerPlan(options.scheme, options.lowrank, options.block_size) for layer in sites}
+    globs = options.w4_layers
+    for pattern in globs:
+        if not any(fnmatch.fnmatchcase(layer, pattern) for layer in sites):
+            raise InputError(f"--w4-layers pattern {pattern!r} matches no quantizable UNet layer")
+    chosen = {layer for layer, site in sites.items()
+              if (any(fnmatch.fnmatchcase(layer, p) for p in globs) if globs else site.op_type == "Conv")}
+    return {layer: LayerPlan("w4a8" if layer in chosen else "w8a8", options.lowrank, options.block_size)
+            for layer in sites}
 
 
 def write_quantized_unet(model: onnx.ModelProto, record: Mapping[str, dict[str, Any]], tmp: Path,
@@ -99,13 +170,15 @@ def write_quantized_unet(model: onnx.ModelProto, record: Mapping[str, dict[str, 
         (tmp / stale).unlink(missing_ok=True)
     files = graph_edit.save(model, path, torch_export.PROTOBUF_LIMIT)
     quant_bytes = graph_edit.weight_bytes(model)
+    residual = record.pop("__residual_qdq__", None)
     convs = sum(r["op"] == "Conv" for r in record.values())
     entry.update({
         "precision": options.scheme, "files": files, "weight_bytes": quant_bytes,
         "size_ratio": round(quant_bytes / fp32_bytes, 4), "fp32_weight_bytes": fp32_bytes,
         "sha256": {f: sha256_file(tmp / f) for f in files},
         "quantization": {"options": asdict(options), "layers": len(record), "conv_layers": convs,
-                         "linear_layers": len(record) - convs, "calibration": calibration, "per_layer": dict(record)},
+                         "linear_layers": len(record) - convs, "calibration": calibration, "per_layer": dict(record),
+                         "precisions": _precision_counts(record), **({"residual_qdq": residual} if residual else {})},
     })
     entry.pop("parity", None)  # FP32 parity no longer describes this graph: report.json does
     manifest["scheme"] = options.scheme
@@ -113,3 +186,11 @@ def write_quantized_unet(model: onnx.ModelProto, record: Mapping[str, dict[str, 
     log.info("unet.onnx quantized (%s, %s target): %d layers (%d Conv2d), weights %.1f -> %.1f MB (%.2fx)",
              options.scheme, options.target, len(record), convs, fp32_bytes / 1e6, quant_bytes / 1e6,
              quant_bytes / fp32_bytes)
+
+
+def _precision_counts(record: Mapping[str, dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rec in record.values():
+        key = rec.get("scheme", "w8a8") + (f"+r{rec['rank']}" if rec.get("rank") else "")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
