@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=128, help="INT4 block size along K")
     from exporter.passes.recipe import ALPHA_SEARCHES, ATTENTION_INT8, CLIPS, WEIGHT_ROUNDINGS, Recipe
 
-    parser.add_argument("--weight-rounding", default=Recipe.weight_rounding, choices=WEIGHT_ROUNDINGS,
+    parser.add_argument("--weight-rounding", default=None, choices=WEIGHT_ROUNDINGS,
                         help=f"nearest or gptq (error-minimising, from the calibration's E[x x^T]; default "
-                             f"{Recipe.weight_rounding})")
+                             f"{Recipe.weight_rounding}, UNet models nearest)")
     parser.add_argument("--weight-clip", default=Recipe.weight_clip, choices=CLIPS,
                         help=f"weight scales: absmax or mse (searched clip per channel / block; default {Recipe.weight_clip})")
     parser.add_argument("--act-clip", default=Recipe.act_clip, choices=CLIPS,
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipe.auto.json (pass it back with --recipe); the other flags set the base recipe")
     parser.add_argument("--size-budget", type=float, help="with --auto-precision: DiT weight bytes as a fraction "
                         "of FP32 (e.g. 0.2)")
+    parser.add_argument("--w4-layers", default=None, help="UNet --scheme w4a8: comma-separated globs of the layers "
+                        "with 4-bit weights (the others w8a8; default: every Conv2d)")
+    parser.add_argument("--residual-qdq", action="store_true", help="UNet --target tensorrt: Q/DQ on the residual "
+                        "input of each Add after a quantized convolution (TensorRT's Conv + Add fusion)")
     parser.add_argument("--out", required=True, help="export directory (replaced atomically)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -89,7 +93,8 @@ def _recipe(args: argparse.Namespace):
     policy = args.bucket_policy if method != "minmax" or args.bucket_policy != "per-bucket-graph" else "shared"
     return Recipe(scheme=args.scheme if args.scheme in QUANTIZED else "w8a8", method=method, alpha=args.alpha,
                   lowrank=args.lowrank, activations=args.activations, bucket_policy=policy, block_size=args.block_size,
-                  weight_rounding=args.weight_rounding, weight_clip=args.weight_clip, act_clip=args.act_clip,
+                  weight_rounding=args.weight_rounding or Recipe.weight_rounding, weight_clip=args.weight_clip,
+                  act_clip=args.act_clip,
                   alpha_search=args.alpha_search, attention_int8=args.attention_int8,
                   attention_quant=args.attention)
 
