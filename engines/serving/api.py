@@ -119,6 +119,13 @@ def _columns(request: Any) -> tuple[dict[str, np.ndarray], int]:
     return cols, rows.pop()
 
 
+def _decimal(value: Any) -> float:
+    """An FP32 input as the shortest decimal that names it (FP32 1.05 -> 1.05, not 1.0499999523). The UNet
+    runtime cuts its audio to `int(seconds * rate)` samples, as diffusers' pipelines do, so the FP32 value
+    itself would give one sample fewer than `quadit generate --seconds 1.05` for such lengths."""
+    return float(str(value)) if isinstance(value, np.float32) else float(value)
+
+
 def parse_unet_request(request: Any, dims: dict[str, Any]) -> list[Any]:
     """One `UNetGenerateOptions` per row of a Triton request to a UNet-family export, validated as
     `quadit generate` validates them (`UNetGenerateOptions.validate`); a RequestError names what is wrong."""
@@ -127,7 +134,7 @@ def parse_unet_request(request: Any, dims: dict[str, Any]) -> list[Any]:
     cols, n = _columns(request)
     out = []
     for i in range(n):
-        prompt, seconds = _text(cols["prompt"][i]), float(cols["seconds"][i])
+        prompt, seconds = _text(cols["prompt"][i]), _decimal(cols["seconds"][i])
         steps, cfg, seed = int(cols["steps"][i]), float(cols["cfg_scale"][i]), int(cols["seed"][i])
         if not prompt.strip():
             raise RequestError("input 'prompt' is empty")

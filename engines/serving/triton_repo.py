@@ -146,6 +146,10 @@ def write_repository(export_dir: Path, out: Path, options: RepoOptions, engines_
     """Write the repository atomically; returns a summary (models, backends, batch limits)."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
+    if manifest.get("family") == "unet":
+        raise InputError(f"--export {export_dir} is a UNet-family export ({manifest.get('unet_family', 'unet')}): the "
+                         "model repository form is written for Stable Audio Open's graphs and BLS sampler only; "
+                         "serve it with scripts/serve.py")
     root = Path(quadit_root or Path(__file__).resolve().parents[2])
     graphs = manifest["graphs"]
     engines = None
