@@ -153,6 +153,13 @@ def test_residual_qdq_is_placed_and_passes_the_checker():
     after = _run(model, {"x": x, "r": r})
     assert 25.0 < _snr(before.astype(np.float32), after.astype(np.float32)) < 60.0  # INT8 rounding of r, measured
     assert residual_adds(model) == []  # idempotent: the residual is quantized now
+    from exporter.tensorrt.residual_rules import residual_adds as read_residual
+
+    assert read_residual(model) == (1, [])  # the precision map's fused Conv + INT8-residual Add
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    conv.input[1] = "w"  # the Conv is no longer quantized: nothing fuses the Add, the Q/DQ is a bare reformat
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((32, 64, 3, 3), np.float16), "w"))
+    assert [v.rule for v in check_graph(model)] == ["Q/DQ on both inputs", "residual Q/DQ"]
 
 
 def test_auto_precision_meets_the_budget():

@@ -87,6 +87,9 @@ def check_graph(model: onnx.ModelProto, block_sizes: tuple[int, ...] = TRT_INT4_
     from exporter.tensorrt.attention_rules import check_attention
 
     bad.extend(Violation(*v) for v in check_attention(model))
+    from exporter.tensorrt.residual_rules import residual_adds
+
+    bad.extend(Violation("residual Q/DQ", name, why) for name, why in residual_adds(model)[1])
     for out in g.output:
         p = producers.get(out.name)
         if p is not None and p.op_type in ("QuantizeLinear", "DequantizeLinear"):

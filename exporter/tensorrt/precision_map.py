@@ -72,6 +72,8 @@ class PrecisionMap:
     attention_io_bytes: dict[str, float] = field(default_factory=dict)
     # read + write bytes of the float elementwise/data-movement ops between the compute layers
     pointwise_bytes: float = 0.0
+    # Adds fused into the quantized Conv before them with an INT8 residual input (exporter/tensorrt/residual_rules.py)
+    residual_adds_int8: int = 0
 
     def flop_share(self) -> dict[str, float]:
         total = sum(layer.flops for layer in self.layers) or 1.0
@@ -88,7 +90,8 @@ class PrecisionMap:
                 "flop_share": self.flop_share(), "layers": {k: dict(v) for k, v in kinds.items()},
                 "attention_cores": self.attention_cores, "fusable_attention_cores": self.fusable_attention_cores,
                 "fp8_attention_cores": self.fp8_attention_cores,
-                "pointwise_mbytes": self.pointwise_bytes / 1e6, "violations": list(self.violations)}
+                "pointwise_mbytes": self.pointwise_bytes / 1e6,
+                "residual_adds_int8": self.residual_adds_int8, "violations": list(self.violations)}
 
     def table(self) -> str:
         rows = ["| node | kind | precision | GFLOP | share |", "|---|---|---|---|---|"]
@@ -396,6 +399,9 @@ def precision_map(model: onnx.ModelProto, latents: int = 1024, batch: int = 2,
     pmap = PrecisionMap(latents, batch, layers)
     pmap.attention_cores, pmap.fusable_attention_cores, core_problems, pmap.attention_io_bytes = _attention_cores(g, model)
     pmap.pointwise_bytes = _pointwise_bytes(g, model)
+    from exporter.tensorrt.residual_rules import residual_adds
+
+    pmap.residual_adds_int8 = residual_adds(model)[0]
     pmap.fp8_attention_cores = _fp8_cores(model, layers, pmap)
     if any(x.quantized for x in layers):  # the rules below are about quantized (TensorRT-target) graphs
         for x in layers:
