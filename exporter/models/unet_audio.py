@@ -78,6 +78,8 @@ class UNetAudioModel:
                "default_seconds": round(default_seconds, 4), "max_seconds": round(4 * default_seconds, 4)}
         if self.family == "audioldm":
             out["text_embed_dim"] = int(self.text_encoder.config.projection_dim)
+        elif self.family == "make-an-audio":
+            out["text_hidden_dim"] = int(self.text_encoder.config.projection_dim)
         else:
             out["text_hidden_dim"] = int(self.text_encoder.config.d_model)
         return out
@@ -114,6 +116,10 @@ def _text_encoder(spec: dict[str, Any]) -> Any:
         return ClapTextModelWithProjection(ClapTextConfig(**kwargs))
     if spec["type"] == "t5":
         return T5EncoderModel(T5Config(is_encoder_decoder=False, use_cache=False, **kwargs))
+    if spec["type"] == "clap-caption":
+        from exporter.models.unet_ldm import build_caption_encoder
+
+        return build_caption_encoder(spec)
     raise InputError(f"unknown text encoder type {spec['type']!r} in the preset")
 
 
@@ -130,6 +136,11 @@ def build_preset(name: str, seed: int) -> UNetAudioModel:
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
     cfg = unet_presets.preset(name)
+    if "ldm" in cfg:  # Make-An-Audio: the diffusers configs from the LDM yaml, by diffusers' converters
+        from exporter.models.unet_ldm import unet_config_from_ldm, vae_config_from_ldm
+
+        cfg["unet"] = unet_config_from_ldm(cfg["ldm"], cfg["image_size"])
+        cfg["vae"] = vae_config_from_ldm(cfg["ldm"], cfg["image_size"])
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = UNetAudioModel(
@@ -232,6 +243,10 @@ def load_unet_model(name: str, checkpoint: str | None, synthetic: bool, seed: in
         model = build_preset(name, seed)
         shape_like_trained(model, seed)
         model.identity = {"model": name, "family": model.family, "weights": f"synthetic:{seed}", "synthetic": True}
+    elif checkpoint and unet_presets.PRESETS.get(name, {}).get("ldm"):
+        from exporter.models.unet_ldm_checkpoint import load_ldm_checkpoint
+
+        model = load_ldm_checkpoint(name, Path(checkpoint), seed)
     else:
         if checkpoint:
             path = Path(checkpoint)
@@ -262,7 +277,7 @@ def reload_from_identity(manifest: dict[str, Any]) -> UNetAudioModel:
     weights = identity["weights"]
     synthetic = weights.startswith("synthetic:")
     model = load_unet_model(identity["model"], identity.get("checkpoint"), synthetic,
-                            int(weights.split(":", 1)[1]) if synthetic else 0)
+                            int(weights.split(":", 1)[1]) if synthetic else int(identity.get("seed", 0)))
     for key in ("config_sha256", "weights"):
         if model.identity[key] != identity[key]:
             raise InputError(f"the PyTorch model rebuilt for this export differs from the exported one "

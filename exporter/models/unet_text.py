@@ -2,7 +2,9 @@
 
 AudioLDM (`AudioLDMPipeline._encode_prompt`): CLAP's `text_embeds`, L2-normalised over the last dim, enter
 the UNet as `class_labels`. TANGO: the T5 encoder's `last_hidden_state` enters by cross-attention with the
-tokenizer's mask as `encoder_attention_mask` (diffusers turns it into an additive -10000 bias).
+tokenizer's mask as `encoder_attention_mask` (diffusers turns it into an additive -10000 bias). Make-An-Audio
+(`exporter.models.unet_ldm`): the caption encoder's per-token output by cross-attention with no mask at all (its
+BERT sees `input_ids` alone); the graph keeps TANGO's interface with a mask of ones, which adds 0.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ def encode_text(family: str, encoder: Any, input_ids: torch.Tensor, attention_ma
     if family == "audioldm":
         embeds = encoder(input_ids, attention_mask=attention_mask).text_embeds
         return {"class_labels": F.normalize(embeds, dim=-1)}
+    if family == "make-an-audio":
+        hidden = encoder(input_ids)
+        # attention_mask * 0 + 1 rather than ones_like: the graph input stays a graph input
+        return {"encoder_hidden_states": hidden, "encoder_attention_mask": (attention_mask * 0 + 1).to(hidden.dtype)}
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return {"encoder_hidden_states": hidden, "encoder_attention_mask": attention_mask.to(hidden.dtype)}
 
