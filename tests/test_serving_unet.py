@@ -225,3 +225,30 @@ def test_triton_repo_refuses_a_unet_export_in_one_line(unet_export, tmp_path):
     proc = run_script("triton_repo.py", "--export", str(unet_export), "--out", str(tmp_path / "repo"))
     assert proc.returncode == 2 and "UNet" in one_line_error(proc)
     assert not (tmp_path / "repo").exists()
+
+
+def test_repository_sampler_has_a_request_time_limit():
+    """issue 23's leftover: the stock-tritonserver form's quadit_generate rejects a request that waited past
+    --request-timeout-s in Triton's queue (queue policy), and its sampler abandons a batch running past it."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from engines.serving.triton_bls import TimeLimitExceeded, time_limit
+    from engines.serving.triton_repo import RepoOptions, sampler_config
+
+    for max_batch in (1, 4):  # the queue policy needs the dynamic batcher, also at max batch 1
+        config = text_format.Parse(sampler_config(RepoOptions(max_batch=max_batch, request_timeout_s=2.5), {}),
+                                   model_config_pb2.ModelConfig())
+        policy = config.dynamic_batching.default_queue_policy
+        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        assert policy.default_timeout_microseconds == 2_500_000 and config.max_batch_size == max_batch
+    with pytest.raises(Exception, match="--request-timeout-s must be positive"):
+        RepoOptions(request_timeout_s=0)
+    now = [100.0]
+    on_step = time_limit(2.5, clock=lambda: now[0])
+    on_step(0)
+    now[0] = 102.4
+    on_step(5)
+    now[0] = 102.5
+    with pytest.raises(TimeLimitExceeded, match="time limit of 2.5 s"):
+        on_step(6)

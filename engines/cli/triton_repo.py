@@ -4,7 +4,9 @@
         onnxruntime models for ONNX graphs, tensorrt_plan models for engines (--engines), each with an
         instance group (--kind, --instances) and dynamic batching
     REPO/quadit_generate: the sampler as a Python-backend model calling them (BLS), with the API of
-        scripts/serve.py; Triton's dynamic batcher feeds it up to --max-batch requests at once
+        scripts/serve.py; Triton's dynamic batcher feeds it up to --max-batch requests at once, and rejects
+        one that waited --request-timeout-s in its queue; a batch running longer than that is abandoned
+        with a time-out error
 
 Every config.pbtxt is parsed with Triton's model-config protobuf before the repository is kept.
 --try-load starts the tritonserver of the PyTriton wheel on the written repository (loopback, free ports)
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=8, help="requests the sampler batches (default 8)")
     parser.add_argument("--max-queue-delay-us", type=int, default=50_000)
     parser.add_argument("--graph-backend", default="onnxruntime", choices=("onnxruntime", "python"))
+    parser.add_argument("--request-timeout-s", type=float, default=300.0,
+                        help="quadit_generate's time limit: the longest wait in Triton's queue (rejected after it) "
+                             "and the longest run of its batch (default 300 s)")
     parser.add_argument("--try-load", action="store_true", help="load the repository in the bundled tritonserver")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.engines and not (Path(args.engines) / "engines.json").is_file():
         raise InputError(f"--engines {args.engines} has no engines.json (scripts/build_engines.py writes it)")
     options = RepoOptions(kind=args.kind, instances=args.instances, max_batch=args.max_batch,
-                          max_queue_delay_us=args.max_queue_delay_us, graph_backend=args.graph_backend)
+                          max_queue_delay_us=args.max_queue_delay_us, graph_backend=args.graph_backend,
+                          request_timeout_s=args.request_timeout_s)
     summary = write_repository(export, out, options, Path(args.engines) if args.engines else None)
     for name, model in summary["models"].items():
         log.info("%-24s %-28s max_batch_size %d, config %s", name, model["backend"], model["max_batch_size"],

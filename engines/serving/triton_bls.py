@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -77,6 +78,23 @@ def bls_backend(pb: Any, settings: dict[str, Any], version_dir: Path) -> Any:
     return backend
 
 
+class TimeLimitExceeded(Exception):
+    pass
+
+
+def time_limit(limit_s: float, clock: Callable[[], float] = time.monotonic) -> Callable[[int], None]:
+    """An `on_step` for `generate_batch` that abandons the batch once `limit_s` has passed since this call
+    (the start of the execute call): the sampler's half of the repository's request time limit; Triton's
+    queue policy is the other (`engines.serving.triton_repo.sampler_config`)."""
+    deadline = clock() + limit_s
+
+    def on_step(_: int) -> None:
+        if clock() >= deadline:
+            raise TimeLimitExceeded(f"request exceeded the server's time limit of {limit_s:g} s while running")
+
+    return on_step
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb_utils
@@ -89,6 +107,7 @@ class TritonPythonModel:
         self.pipeline = Pipeline(bls_backend(pb_utils, settings, version_dir), settings["manifest"])
         self.max_batch = int(settings["max_batch"])
         self.dit_batch_sizes = settings.get("dit_batch_sizes")
+        self.request_timeout_s = settings.get("request_timeout_s")  # None in repositories written before it
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import torch
@@ -97,6 +116,7 @@ class TritonPythonModel:
         from engines.serving.server import INPUTS, RequestError, parse_request
 
         defaults, window = self.pipeline.manifest["sampler_defaults"], self.pipeline.max_seconds
+        on_step = time_limit(float(self.request_timeout_s)) if self.request_timeout_s else None
         errors: dict[int, str] = {}
         rows: dict[int, list] = {}
         for i, request in enumerate(requests):
@@ -121,10 +141,11 @@ class TritonPythonModel:
                     if not chunk:
                         continue
                     try:
-                        result = generate_batch(self.pipeline, [rows[i][j] for i, j in chunk], self.dit_batch_sizes)
+                        result = generate_batch(self.pipeline, [rows[i][j] for i, j in chunk], self.dit_batch_sizes,
+                                                on_step)
                     except Exception as exc:  # noqa: BLE001 - every request of the chunk gets it
                         for i, _ in chunk:
-                            errors[i] = f"{type(exc).__name__}: {exc}"
+                            errors[i] = str(exc) if isinstance(exc, TimeLimitExceeded) else f"{type(exc).__name__}: {exc}"
                         continue
                     for (i, j), a in zip(chunk, result.audio):
                         audio[(i, j)] = (a.float().numpy(), len(chunk))

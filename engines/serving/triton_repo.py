@@ -43,6 +43,7 @@ class RepoOptions:
     max_batch: int = 8  # requests the sampler model batches, and rows a graph model batches (x2 for CFG)
     max_queue_delay_us: int = 50_000
     graph_backend: str = "onnxruntime"  # onnxruntime | python (ONNX Runtime inside Triton's Python backend)
+    request_timeout_s: float = 300.0  # quadit_generate: the longest wait in Triton's queue, and the longest run
 
     def __post_init__(self) -> None:
         if self.kind not in ("gpu", "cpu"):
@@ -55,6 +56,8 @@ class RepoOptions:
             raise InputError(f"--max-batch must be a positive integer, got {self.max_batch}")
         if self.max_queue_delay_us < 0:
             raise InputError("--max-queue-delay-us must be >= 0")
+        if not self.request_timeout_s > 0:
+            raise InputError(f"--request-timeout-s must be positive, got {self.request_timeout_s}")
 
 
 def graph_io(onnx_path: Path) -> dict[str, list[tuple[str, str, list[int]]]]:
@@ -89,7 +92,8 @@ def _tensor_block(kind: str, name: str, dtype: str, dims: list[int]) -> str:
 
 def graph_config(name: str, platform: str | None, backend: str | None, filename: str | None,
                  io: Mapping[str, list], max_batch: int, options: RepoOptions,
-                 parameters: Mapping[str, str] | None = None, preferred: list[int] | None = None) -> str:
+                 parameters: Mapping[str, str] | None = None, preferred: list[int] | None = None,
+                 queue_timeout_us: int | None = None) -> str:
     lines = [f'name: "{name}"']
     if platform:
         lines.append(f'platform: "{platform}"')
@@ -100,9 +104,13 @@ def graph_config(name: str, platform: str | None, backend: str | None, filename:
         lines.append(f'default_model_filename: "{filename}"')
     lines.append("input [\n" + ",\n".join(_tensor_block("input", *t) for t in io["inputs"]) + "\n]")
     lines.append("output [\n" + ",\n".join(_tensor_block("output", *t) for t in io["outputs"]) + "\n]")
-    if max_batch > 1:
+    if max_batch > 1 or queue_timeout_us:
         pref = f"\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""
-        lines.append(f"dynamic_batching {{{pref}\n  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}")
+        # a request that waits longer than this in Triton's queue is rejected (ModelQueuePolicy, REJECT)
+        policy = (f"\n  default_queue_policy {{\n    timeout_action: REJECT\n    default_timeout_microseconds: "
+                  f"{queue_timeout_us}\n  }}") if queue_timeout_us else ""
+        lines.append(f"dynamic_batching {{{pref}\n  max_queue_delay_microseconds: {options.max_queue_delay_us}"
+                     f"{policy}\n}}")
     kind = "KIND_GPU" if options.kind == "gpu" and backend != "python" else "KIND_CPU"
     lines.append(f"instance_group [\n  {{\n    count: {options.instances}\n    kind: {kind}\n  }}\n]")
     for key, value in (parameters or {}).items():
@@ -111,7 +119,14 @@ def graph_config(name: str, platform: str | None, backend: str | None, filename:
 
 
 def sampler_config(options: RepoOptions, parameters: Mapping[str, str]) -> str:
-    """`quadit_generate`: the API of scripts/serve.py (engines.serving.server), served by the BLS sampler."""
+    """`quadit_generate`: the API of scripts/serve.py (engines.serving.server), served by the BLS sampler.
+
+    Its time limit (`request_timeout_s`) has two parts, since a Python-backend model never learns when Triton
+    received a request: Triton's dynamic batcher rejects a request that waited longer than the limit in its
+    queue (`default_queue_policy`, timeout counted from the moment the request is queued: `PolicyQueue` in
+    Triton core's src/scheduler_utils.cc), and the sampler abandons a batch that runs longer than the limit
+    (`engines.serving.triton_bls`). A request is so answered, with audio or an error, within about twice the
+    limit of its arrival."""
     io = {"inputs": [("prompt", "TYPE_STRING", [-1, 1]), ("seconds", "TYPE_FP32", [-1, 1]),
                      ("steps", "TYPE_INT32", [-1, 1]), ("cfg_scale", "TYPE_FP32", [-1, 1]),
                      ("seed", "TYPE_INT64", [-1, 1])],
@@ -120,7 +135,8 @@ def sampler_config(options: RepoOptions, parameters: Mapping[str, str]) -> str:
     # the sampler runs on the CPU; one instance per graph-model instance keeps that many batches in flight
     cpu = RepoOptions(kind="cpu", instances=options.instances, max_batch=options.max_batch,
                       max_queue_delay_us=options.max_queue_delay_us)
-    return graph_config(SAMPLER, None, "python", None, io, options.max_batch, cpu, parameters)
+    return graph_config(SAMPLER, None, "python", None, io, options.max_batch, cpu, parameters,
+                        queue_timeout_us=int(round(options.request_timeout_s * 1e6)))
 
 
 def _engine_batch_limit(entry: Mapping[str, Any]) -> tuple[int, list[int]]:
@@ -221,7 +237,8 @@ def write_repository(export_dir: Path, out: Path, options: RepoOptions, engines_
                                "dit": dit_models, "vae_decoder": f"{PREFIX}vae_decoder"},
                     "bucket_edges": bucket_edges, "dit_batch_sizes": dit_batch_sizes,
                     "vae_batch": summary["models"][f"{PREFIX}vae_decoder"]["max_batch_size"],
-                    "io_types": io_types, "io": io_shapes, "max_batch": options.max_batch}
+                    "io_types": io_types, "io": io_shapes, "max_batch": options.max_batch,
+                    "request_timeout_s": options.request_timeout_s}
         (version / "quadit.json").write_text(json.dumps(settings, indent=2) + "\n")
         (version / "model.py").write_text(SHIM.format(what="BLS sampler", root=str(root), module="triton_bls"))
         (tmp / SAMPLER / "config.pbtxt").write_text(sampler_config(options, {}))
