@@ -24,13 +24,13 @@ RNG = np.random.default_rng(0)
 
 
 def _conv_model(o: int = 32, i: int = 64, k: int = 3, residual: bool = False, ftype=np.float32) -> onnx.ModelProto:
-    """x -> Conv (scoped as layer `blk.conv`) [-> + x2] -> y, the exporter's name-scope metadata on the node."""
+    """x -> Conv (scoped as layer `blk.conv2`) [-> + x2] -> y, the exporter's name-scope metadata on the node."""
     elem = TensorProto.FLOAT16 if ftype == np.float16 else TensorProto.FLOAT
     w = (RNG.standard_normal((o, i, k, k)) / np.sqrt(i * k * k)).astype(ftype)
     w[:, :2] *= 8  # two outlier input channels
     b = RNG.standard_normal(o).astype(ftype) * 0.1
     conv = helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[k // 2] * 4)
-    conv.metadata_props.add(key=SCOPES_KEY, value="['', 'unet.blk.conv', 'conv2d']")
+    conv.metadata_props.add(key=SCOPES_KEY, value="['', 'unet.blk.conv2', 'conv2d']")
     nodes, inputs = [conv], [helper.make_tensor_value_info("x", elem, [1, i, 8, 8])]
     out = "c"
     if residual:
@@ -72,17 +72,17 @@ def test_conv_lowrank_split_is_exact_and_int4_runs_on_onnxruntime():
     site = SimpleNamespace(op_type="Conv", k_axis=1)
     l1, l2, resid = svd_split(weight_kn(w, site), 16)
     assert np.abs(l1 @ l2 + resid - weight_kn(w, site)).max() < 1e-12  # the split itself is exact
-    sites = locate_sites(model, ["blk.conv"])
+    sites = locate_sites(model, ["blk.conv2"])
     cm = np.abs(x).max(axis=(0, 2, 3))[None, :]
     snr = {}
     for rank in (0, 16):
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        rec = quantize_unet_mixed(m, locate_sites(m, ["blk.conv"]), {"blk.conv": LayerPlan("w4a16", rank, 32)},
-                                  {"blk.conv": cm}, [1000.0, 0.0])
+        rec = quantize_unet_mixed(m, locate_sites(m, ["blk.conv2"]), {"blk.conv2": LayerPlan("w4a16", rank, 32)},
+                                  {"blk.conv2": cm}, [1000.0, 0.0])
         dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
         assert {a.name: helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 1, "block_size": 32}
-        assert rec["blk.conv"]["scheme"] == "w4a16" and sites["blk.conv"].op_type == "Conv"
+        assert rec["blk.conv2"]["scheme"] == "w4a16" and sites["blk.conv2"].op_type == "Conv"
         snr[rank] = _snr(ref, _run(m, {"x": x}))
     assert snr[0] > 15.0  # INT4, blocks of 32 input channels per tap
     assert snr[16] > snr[0] + 1.0  # the branch takes the outlier channels' directions out of the residual
@@ -114,8 +114,8 @@ def test_w8a8_through_the_mixed_pass_matches_conv_quant():
     a, b = onnx.ModelProto(), onnx.ModelProto()
     a.CopyFrom(model)
     b.CopyFrom(model)
-    quantize_unet(a, locate_sites(a, ["blk.conv"]), {"blk.conv": cm}, [1000.0, 500.0, 0.0])
-    quantize_unet_mixed(b, locate_sites(b, ["blk.conv"]), {"blk.conv": LayerPlan("w8a8")}, {"blk.conv": cm},
+    quantize_unet(a, locate_sites(a, ["blk.conv2"]), {"blk.conv2": cm}, [1000.0, 500.0, 0.0])
+    quantize_unet_mixed(b, locate_sites(b, ["blk.conv2"]), {"blk.conv2": LayerPlan("w8a8")}, {"blk.conv2": cm},
                         [1000.0, 500.0, 0.0])
     for t in (100.0, 900.0):
         feeds = {"x": x, "timestep": np.array([t], np.float32)}
@@ -124,13 +124,13 @@ def test_w8a8_through_the_mixed_pass_matches_conv_quant():
 
 def test_tensorrt_plan_keeps_int4_convs_fp16_and_refuses_w4a8():
     model = _conv_model(ftype=np.float16)
-    sites = locate_sites(model, ["blk.conv"])
-    plans, notes = plan_layers(model, sites, {"blk.conv": LayerPlan("w4a16", 0, 64)}, "tensorrt")
-    assert plans["blk.conv"].scheme == "float" and "GEMM-only" in notes[0]
+    sites = locate_sites(model, ["blk.conv2"])
+    plans, notes = plan_layers(model, sites, {"blk.conv2": LayerPlan("w4a16", 0, 64)}, "tensorrt")
+    assert plans["blk.conv2"].scheme == "float" and "GEMM-only" in notes[0]
     with pytest.raises(ValueError, match="TensorRT-LLM"):
-        plan_layers(model, sites, {"blk.conv": LayerPlan("w4a8")}, "tensorrt")
-    plans, _ = plan_layers(model, sites, {"blk.conv": LayerPlan("w4a16", 0, 128)}, "onnxruntime")
-    assert plans["blk.conv"].block == 64  # the largest allowed block that divides I = 64
+        plan_layers(model, sites, {"blk.conv2": LayerPlan("w4a8")}, "tensorrt")
+    plans, _ = plan_layers(model, sites, {"blk.conv2": LayerPlan("w4a16", 0, 128)}, "onnxruntime")
+    assert plans["blk.conv2"].block == 64  # the largest allowed block that divides I = 64
 
 
 def test_residual_qdq_is_placed_and_passes_the_checker():
@@ -141,7 +141,7 @@ def test_residual_qdq_is_placed_and_passes_the_checker():
     x = RNG.standard_normal((1, 64, 8, 8)).astype(np.float16)
     r = RNG.standard_normal((1, 32, 8, 8)).astype(np.float16)
     cm = np.abs(x.astype(np.float32)).max(axis=(0, 2, 3))[None, :]
-    quantize_unet(model, locate_sites(model, ["blk.conv"]), {"blk.conv": cm}, [1000.0, 0.0])
+    quantize_unet(model, locate_sites(model, ["blk.conv2"]), {"blk.conv2": cm}, [1000.0, 0.0])
     before = _run(model, {"x": x, "r": r})
     adds = residual_adds(model)
     assert [(a["add"], a["residual"]) for a in adds] == [("add", "r")]
@@ -167,20 +167,20 @@ def test_auto_precision_meets_the_budget():
     from engines.evaluation.unet_sensitivity import layer_costs
 
     model = _conv_model()
-    sites = locate_sites(model, ["blk.conv"])
+    sites = locate_sites(model, ["blk.conv2"])
     conv = torch.nn.Conv2d(64, 32, 3, padding=1)
     x = torch.randn(2, 64, 8, 8)
-    with SecondMoments({"blk.conv": conv}) as mom:
+    with SecondMoments({"blk.conv2": conv}) as mom:
         conv(x)
     options = SimpleNamespace(target="onnxruntime", alpha=0.5, method="timestep-smoothquant", block_size=32,
                               weight_rounding="nearest")
-    rows = layer_costs(model, sites, {"blk.conv": np.abs(x.numpy()).max(axis=(0, 2, 3))[None, :]},
+    rows = layer_costs(model, sites, {"blk.conv2": np.abs(x.numpy()).max(axis=(0, 2, 3))[None, :]},
                        mom.result(), options)
     costs = rows[0]["schemes"]
     assert costs["w4a16"]["step_nsr"] > costs["w8a8"]["step_nsr"] > 0
     assert costs["w4a16+r16"]["step_nsr"] < costs["w4a16"]["step_nsr"]
     fp32 = 64 * 32 * 9 * 4
     doc = {"layers": rows, "schemes": list(costs), "base_weight_bytes": fp32 + 128, "fp32_weight_bytes": fp32 + 128}
-    assert choose(doc, 0.3, "step_nsr", list(costs)).assignment["blk.conv"] == "w8a8"
+    assert choose(doc, 0.3, "step_nsr", list(costs)).assignment["blk.conv2"] == "w8a8"
     small = choose(doc, 0.2, "step_nsr", list(costs))
-    assert small.assignment["blk.conv"].startswith("w4") and small.size_ratio <= 0.2
+    assert small.assignment["blk.conv2"].startswith("w4") and small.size_ratio <= 0.2

@@ -8,11 +8,13 @@ into it), an INT8 residual lets it write INT8 (docs.nvidia.com/deeplearning/tens
 work-quantized-types.html; NVIDIA's TensorFlow quantization toolkit applies the same rule to ResNets,
 "Add Custom QDQ Insertion Case").
 
-Which Adds (`residual_adds`): an Add whose one input is a quantized Conv's output (a Conv whose weight comes
-from a DequantizeLinear), reached only through the pointwise ops conv_quant adds after it (the per-bucket
-post-scale Mul and the split-out bias Add), and whose other input is an activation that no DQ produces yet.
-Where both inputs are such chains (a ResNet's conv2 beside its conv_shortcut), the later convolution is the
-one TensorRT fuses the Add into and the earlier one's output gets the Q/DQ. The INT8 output only pays where the
+Which Adds (`residual_adds`): the skip connections of diffusers' UNet blocks, i.e. an Add whose one input is
+the output of a quantized `conv2` (ResnetBlock2D: input + conv2(...)) or `proj_out` (Transformer2DModel:
+proj_out(...) + residual), a Conv whose weight comes from a DequantizeLinear, reached only through the pointwise
+ops conv_quant adds after it (the per-bucket post-scale Mul and the split-out bias Add), and whose other input
+is an activation that no DQ produces yet (the block's input, or its conv_shortcut's output). Other Adds after a
+convolution are not skip connections: a ResNet's conv1 output plus the broadcast timestep embedding is left
+alone. The INT8 output only pays where the
 Add's result is read by a quantizer; `feeds_quantizer` says for which Adds that holds, and the rest still pay
 the extra rounding of the residual: the report measures what it costs.
 
@@ -34,6 +36,7 @@ from exporter.passes.quantize import static_qdq
 log = logging.getLogger(__name__)
 _CHAIN = ("Mul", "Add")  # the pointwise ops conv_quant puts between a Conv and its output tensor
 _PASS_THROUGH = ("Mul", "Div", "Cast")  # ops between an Add and a quantizer that keep the fusion question open
+RESIDUAL_LAYERS = ("conv2", "proj_out")  # the convolutions a diffusers UNet block adds its skip connection to
 
 
 def _quantized_conv(model: onnx.ModelProto, tensor: str, producers: dict[str, onnx.NodeProto],
@@ -53,17 +56,20 @@ def _quantized_conv(model: onnx.ModelProto, tensor: str, producers: dict[str, on
 
 def residual_adds(model: onnx.ModelProto) -> list[dict[str, Any]]:
     """Each residual Add after a quantized Conv: {add, conv, residual (the tensor to quantize), index}."""
+    from exporter.onnx.linear_nodes import node_scope
+
     producers = graph_edit.producers(model)
     inits = {i.name for i in model.graph.initializer}
-    order = {n.name: k for k, n in enumerate(model.graph.node)}
     out = []
     for node in model.graph.node:
         if node.op_type != "Add" or len(node.input) != 2 or any(i in inits for i in node.input):
             continue
         convs = [_quantized_conv(model, i, producers, inits) for i in node.input]
-        if not any(convs):
+        skip = [k for k in (0, 1) if convs[k] is not None and
+                (node_scope(convs[k], "unet.") or "").rsplit(".", 1)[-1] in RESIDUAL_LAYERS]
+        if not skip:
             continue
-        fused = max((k for k in (0, 1) if convs[k] is not None), key=lambda k: order[convs[k].name])
+        fused = skip[-1]
         other = node.input[1 - fused]
         p = producers.get(other)
         if p is not None and p.op_type == "DequantizeLinear":
