@@ -174,7 +174,12 @@ def test_audioldm_w8a8_report_beats_onnx_runtime_quantizer(tmp_path):
 
 
 def test_unet_refuses_schemes_it_does_not_have(tmp_path):
-    proc = run_script("export.py", "--model", "audioldm-mini", "--synthetic-weights", "--scheme", "w4a8",
+    proc = run_script("export.py", "--model", "audioldm-mini", "--synthetic-weights", "--scheme", "fp8",
                       "--out", str(tmp_path / "x"))
     assert "not available for the UNet family" in one_line_error(proc)
     assert not (tmp_path / "x").exists()
+    # W4A8 exists on ONNX Runtime only (TensorRT has it in TensorRT-LLM alone): refused before any work
+    proc = run_script("export.py", "--model", "audioldm-mini", "--synthetic-weights", "--scheme", "w4a8",
+                      "--target", "tensorrt", "--out", str(tmp_path / "y"))
+    assert proc.returncode == 2 and "TensorRT-LLM" in one_line_error(proc)
+    assert not (tmp_path / "y").exists()
