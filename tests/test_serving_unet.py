@@ -2,9 +2,10 @@
 equals single runs; bad requests are named; a real server (scripts/serve.py on free loopback ports) answers at
 its first ready, equals `quadit generate`'s WAV, batches concurrent HTTP and gRPC requests that each equal their
 single run, answers a malformed request with an error and the next good one with audio, and drains on SIGTERM.
-`quadit triton-repo` refuses a UNet export in one line (exit 2).
+`quadit triton-repo` writes a model repository for it whose configs Triton's protobuf parses (its Python-graph
+form served by the bundled tritonserver: marked slow); that form's sampler has a request time limit.
 
-Short audio (1 s: 28 latent frames) and few steps keep it lean; the export runs with one PyTorch thread."""
+Short audio (1 s: 28 latent frames) and few steps keep it lean; the export runs in this process."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import Server, one_line_error, run_script
+from conftest import Server
 
 from engines.runtime.unet_pipeline import UNetGenerateOptions, open_unet_pipeline
 from engines.serving.api import RequestError, parse_unet_request
@@ -221,10 +222,72 @@ def test_sigterm_drains_the_running_request_and_exits_0(server):
 
 
 # -- the model-repository form -----------------------------------------------------------------------------
-def test_triton_repo_refuses_a_unet_export_in_one_line(unet_export, tmp_path):
-    proc = run_script("triton_repo.py", "--export", str(unet_export), "--out", str(tmp_path / "repo"))
-    assert proc.returncode == 2 and "UNet" in one_line_error(proc)
-    assert not (tmp_path / "repo").exists()
+def test_unet_repository_configs(unet_export, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from engines.serving.triton_repo import RepoOptions, write_repository
+
+    summary = write_repository(unet_export, tmp_path / "repo", RepoOptions(kind="gpu", max_batch=3))
+    models = ("quadit_generate", "quadit_text_encoder", "quadit_unet", "quadit_vae_decoder", "quadit_vocoder")
+    assert summary["validation"] == {m: "ok" for m in models}
+
+    def parse(name: str):
+        return text_format.Parse((tmp_path / "repo" / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+    unet = parse("quadit_unet")
+    assert unet.backend == "onnxruntime" and unet.max_batch_size == 6  # 3 requests x [uncond, cond]
+    assert [i.name for i in unet.input][:2] == ["sample", "timestep"] and unet.input[1].HasField("reshape")
+    sampler = parse("quadit_generate")
+    assert [list(o.dims) for o in sampler.output] == [[1, -1], [1], [1]]  # mono
+    settings = json.loads((tmp_path / "repo" / "quadit_generate" / "1" / "quadit.json").read_text())
+    assert settings["family"] == "unet" and settings["models"]["vocoder"] == "quadit_vocoder"
+    assert "triton_bls_unet" in (tmp_path / "repo" / "quadit_generate" / "1" / "model.py").read_text()
+
+
+@pytest.mark.slow  # the bundled tritonserver starts five Python-backend stubs, each importing torch
+def test_unet_repository_python_form_serves_in_the_bundled_tritonserver(unet_export, pipeline, tmp_path):
+    import subprocess
+
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from engines.serving.server import free_ports
+    from engines.serving.triton_repo import RepoOptions, bundled_server, write_repository
+
+    repo = tmp_path / "repo"
+    write_repository(unet_export, repo, RepoOptions(kind="cpu", max_batch=2, graph_backend="python"))
+    http, grpc, metrics = free_ports(3)
+    argv, env = bundled_server(repo, tmp_path / "work", http, grpc, metrics)
+    with open(tmp_path / "tritonserver.log", "w") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{http}", network_timeout=300)
+    try:
+        t0 = time.monotonic()
+        while not _ready(client):
+            assert proc.poll() is None and time.monotonic() - t0 < 300, \
+                (tmp_path / "tritonserver.log").read_text()[-3000:]
+            time.sleep(1)
+        audio = client.infer(MODEL_NAME, infer_inputs(httpclient, "rain on a tin roof", 1.0, STEPS, 2.5, 21))
+        with pytest.raises(InferenceServerException, match="shorter than this model's shortest output"):
+            client.infer(MODEL_NAME, infer_inputs(httpclient, "x", 0.01, STEPS, 2.5, 1))
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    single = _single(pipeline, "rain on a tin roof", 1.0, 2.5, 21)
+    assert audio.as_numpy("audio").shape == (1, 1, RATE) and int(audio.as_numpy("sample_rate")[0, 0]) == RATE
+    assert _rel(audio.as_numpy("audio")[0], single) <= BATCH_BOUND
+
+
+def _ready(client) -> bool:
+    try:
+        return client.is_model_ready(MODEL_NAME)
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
 
 
 def test_repository_sampler_has_a_request_time_limit():

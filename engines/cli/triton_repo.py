@@ -8,6 +8,9 @@
         one that waited --request-timeout-s in its queue; a batch running longer than that is abandoned
         with a time-out error
 
+A UNet-family export (AudioLDM, TANGO) gets quadit_text_encoder, quadit_unet, quadit_vae_decoder and
+quadit_vocoder instead of the four SAO graph models, and a quadit_generate with mono audio.
+
 Every config.pbtxt is parsed with Triton's model-config protobuf before the repository is kept.
 --try-load starts the tritonserver of the PyTriton wheel on the written repository (loopback, free ports)
 and reports which models load. --graph-backend python serves the ONNX graphs with ONNX Runtime inside

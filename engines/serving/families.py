@@ -39,13 +39,14 @@ def sao_family(pipeline: Any) -> ServedFamily:
                         channels=2, sample_rate=int(pipeline.dims["sample_rate"]))
 
 
-def unet_family(pipeline: Any) -> ServedFamily:
+def unet_family(pipeline: Any, max_rows: int | None = None) -> ServedFamily:
     """AudioLDM / TANGO: the export's diffusers scheduler over the UNet, mono at the vocoder's rate. The DiT
-    batch sizes do not apply; a TensorRT UNet engine's largest profile batch caps the rows of one UNet call."""
+    batch sizes do not apply; `max_rows` (default: a TensorRT UNet engine's largest profile batch, else
+    none) caps the rows of one UNet call."""
     from engines.serving.api import parse_unet_request
     from engines.serving.unet_batching import generate_unet_batch, unet_batch_key, unet_max_rows
 
-    max_rows = unet_max_rows(pipeline.backend)
+    max_rows = max_rows or unet_max_rows(pipeline.backend)
     return ServedFamily(name="unet", parse=lambda request: parse_unet_request(request, pipeline.dims),
                         key=lambda opts: unet_batch_key(pipeline, opts),
                         run=lambda opts, _sizes, on_step: generate_unet_batch(pipeline, opts, max_rows, on_step),

@@ -2,9 +2,11 @@
 
 The same API as scripts/serve.py (engines.serving.server), with Triton's own dynamic batcher in front: each
 execute call gets the requests Triton batched, answers bad ones with their own error, groups the rest by
-`BatchKey` and steps each group through `engines.serving.batching.generate_batch`. The graphs are other models of
-the repository (written by engines.serving.triton_repo): `BlsSession` makes each look like an ONNX Runtime session,
-so `OrtBackend`'s conditioning and decode and `OrtDiT`'s CFG batching run unchanged on top of them.
+batch key and steps each group through the family's batched run (`engines.serving.families`: here
+`engines.serving.batching.generate_batch`; the UNet family's model is `engines.serving.triton_bls_unet`).
+The graphs are other models of the repository (written by engines.serving.triton_repo): `BlsSession` makes
+each look like an ONNX Runtime session, so `OrtBackend`'s conditioning and decode and `OrtDiT`'s CFG batching
+run unchanged on top of them.
 
 Runs inside Triton's Python-backend stub, whose Python needs torch, k-diffusion, stable-audio-tools,
 transformers and this repository (the model.py shim puts QUADIT_ROOT on sys.path).
@@ -100,6 +102,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         from engines.runtime.pipeline import Pipeline
+        from engines.serving.families import sao_family
 
         self.pb = pb_utils
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -107,15 +110,14 @@ class TritonPythonModel:
         self.pipeline = Pipeline(bls_backend(pb_utils, settings, version_dir), settings["manifest"])
         self.max_batch = int(settings["max_batch"])
         self.dit_batch_sizes = settings.get("dit_batch_sizes")
+        self.family = sao_family(self.pipeline)
         self.request_timeout_s = settings.get("request_timeout_s")  # None in repositories written before it
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import torch
 
-        from engines.serving.batching import batch_key, generate_batch
-        from engines.serving.server import INPUTS, RequestError, parse_request
+        from engines.serving.api import INPUTS, RequestError
 
-        defaults, window = self.pipeline.manifest["sampler_defaults"], self.pipeline.max_seconds
         on_step = time_limit(float(self.request_timeout_s)) if self.request_timeout_s else None
         errors: dict[int, str] = {}
         rows: dict[int, list] = {}
@@ -126,13 +128,13 @@ class TritonPythonModel:
                 if tensor is not None:
                     arrays[name] = tensor.as_numpy()
             try:
-                rows[i] = parse_request(arrays, defaults, window)
+                rows[i] = self.family.parse(arrays)
             except RequestError as exc:
                 errors[i] = str(exc)
         groups: dict[Any, list[tuple[int, int]]] = {}
         for i, opts in rows.items():
             for j, o in enumerate(opts):
-                groups.setdefault(batch_key(self.pipeline, o), []).append((i, j))
+                groups.setdefault(self.family.key(o), []).append((i, j))
         audio: dict[tuple[int, int], tuple[np.ndarray, int]] = {}
         with torch.no_grad():
             for members in groups.values():
@@ -141,8 +143,7 @@ class TritonPythonModel:
                     if not chunk:
                         continue
                     try:
-                        result = generate_batch(self.pipeline, [rows[i][j] for i, j in chunk], self.dit_batch_sizes,
-                                                on_step)
+                        result = self.family.run([rows[i][j] for i, j in chunk], self.dit_batch_sizes, on_step)
                     except Exception as exc:  # noqa: BLE001 - every request of the chunk gets it
                         for i, _ in chunk:
                             errors[i] = str(exc) if isinstance(exc, TimeLimitExceeded) else f"{type(exc).__name__}: {exc}"
@@ -150,7 +151,7 @@ class TritonPythonModel:
                     for (i, j), a in zip(chunk, result.audio):
                         audio[(i, j)] = (a.float().numpy(), len(chunk))
         responses = []
-        rate = int(self.pipeline.dims["sample_rate"])
+        rate = self.family.sample_rate
         for i in range(len(requests)):
             if i in errors:
                 responses.append(self.pb.InferenceResponse(error=self.pb.TritonError(errors[i])))

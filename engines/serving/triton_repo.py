@@ -6,6 +6,9 @@
     REPO/quadit_vae_decoder/
     REPO/quadit_generate/       python: tokenizer + sampler; calls the models above with BLS requests
 
+A UNet-family export (AudioLDM, TANGO) gets quadit_text_encoder, quadit_unet, quadit_vae_decoder and
+quadit_vocoder, and a `quadit_generate` running `engines.serving.triton_bls_unet` (mono audio).
+
 `quadit_generate` answers the same API as scripts/serve.py, so clients do not care which one serves them.
 Every graph model gets dynamic batching and an instance group (count and kind chosen at write time);
 its inputs, outputs and dtypes come from the ONNX graph itself, the batch limits of a TensorRT plan from its
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 PREFIX = "quadit_"
 SAMPLER = "quadit_generate"
 GRAPHS = ("text_encoder", "conditioners", "dit", "vae_decoder")
+UNET_GRAPHS = ("text_encoder", "unet", "vae_decoder", "vocoder")  # a UNet-family export (AudioLDM, TANGO)
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL", 11: "TYPE_FP64",
                   16: "TYPE_BF16"}
 TRITON_TO_NUMPY = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT64": "int64", "TYPE_INT32": "int32",
@@ -118,7 +122,7 @@ def graph_config(name: str, platform: str | None, backend: str | None, filename:
     return "\n".join(lines) + "\n"
 
 
-def sampler_config(options: RepoOptions, parameters: Mapping[str, str]) -> str:
+def sampler_config(options: RepoOptions, parameters: Mapping[str, str], channels: int = 2) -> str:
     """`quadit_generate`: the API of scripts/serve.py (engines.serving.server), served by the BLS sampler.
 
     Its time limit (`request_timeout_s`) has two parts, since a Python-backend model never learns when Triton
@@ -130,7 +134,7 @@ def sampler_config(options: RepoOptions, parameters: Mapping[str, str]) -> str:
     io = {"inputs": [("prompt", "TYPE_STRING", [-1, 1]), ("seconds", "TYPE_FP32", [-1, 1]),
                      ("steps", "TYPE_INT32", [-1, 1]), ("cfg_scale", "TYPE_FP32", [-1, 1]),
                      ("seed", "TYPE_INT64", [-1, 1])],
-          "outputs": [("audio", "TYPE_FP32", [-1, 2, -1]), ("sample_rate", "TYPE_INT32", [-1, 1]),
+          "outputs": [("audio", "TYPE_FP32", [-1, channels, -1]), ("sample_rate", "TYPE_INT32", [-1, 1]),
                       ("batch_size", "TYPE_INT32", [-1, 1])]}
     # the sampler runs on the CPU; one instance per graph-model instance keeps that many batches in flight
     cpu = RepoOptions(kind="cpu", instances=options.instances, max_batch=options.max_batch,
@@ -162,10 +166,7 @@ def write_repository(export_dir: Path, out: Path, options: RepoOptions, engines_
     """Write the repository atomically; returns a summary (models, backends, batch limits)."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
-    if manifest.get("family") == "unet":
-        raise InputError(f"--export {export_dir} is a UNet-family export ({manifest.get('unet_family', 'unet')}): the "
-                         "model repository form is written for Stable Audio Open's graphs and BLS sampler only; "
-                         "serve it with scripts/serve.py")
+    unet = manifest.get("family") == "unet"
     root = Path(quadit_root or Path(__file__).resolve().parents[2])
     graphs = manifest["graphs"]
     engines = None
@@ -177,10 +178,11 @@ def write_repository(export_dir: Path, out: Path, options: RepoOptions, engines_
             raise InputError("--engines goes with the onnxruntime/tensorrt repository, not --graph-backend python")
     summary: dict[str, Any] = {"models": {}, "export": str(export_dir.resolve())}
     dit_models: list[str] = []
-    bucket_edges = graphs["dit"].get("bucket_edges") if graphs["dit"].get("buckets") else None
+    bucket_edges = graphs["dit"].get("bucket_edges") if not unet and graphs["dit"].get("buckets") else None
+    batch_sizes: dict[str, list[int]] = {}  # graph -> the batch sizes of its TensorRT engine
     with atomic_dir(Path(out)) as tmp:
         units: list[tuple[str, str, dict[str, Any]]] = []  # (triton name, graph, {file(s) or engine entry})
-        for graph in GRAPHS:
+        for graph in UNET_GRAPHS if unet else GRAPHS:
             entry = graphs[graph]
             if graph == "dit" and entry.get("buckets"):
                 for k, b in enumerate(entry["buckets"]):
@@ -191,7 +193,6 @@ def write_repository(export_dir: Path, out: Path, options: RepoOptions, engines_
                                                          "engine_key": graph}))
         io_types: dict[str, dict[str, str]] = {}
         io_shapes: dict[str, dict[str, list[str]]] = {}
-        dit_batch_sizes: list[int] | None = None
         for name, graph, src in units:
             io = graph_io(export_dir / src["file"])
             version = tmp / name / "1"
@@ -203,12 +204,11 @@ def write_repository(export_dir: Path, out: Path, options: RepoOptions, engines_
                 text = graph_config(name, "tensorrt_plan", None, engine["engine"], io, limit, options,
                                     preferred=[max(sizes)] if limit > 1 else None)
                 backend = "tensorrt_plan"
-                if graph == "dit":
-                    dit_batch_sizes = sizes
+                batch_sizes[graph] = sizes
             else:
                 for f in src["files"]:
                     shutil.copy2(export_dir / f, version / Path(f).name)
-                limit = 2 * options.max_batch if graph == "dit" else options.max_batch
+                limit = 2 * options.max_batch if graph in ("dit", "unet") else options.max_batch  # CFG rows
                 if options.graph_backend == "python":
                     (version / "model.py").write_text(SHIM.format(what="ONNX Runtime graph model", root=str(root),
                                                                   module="triton_ort_model"))
@@ -228,6 +228,12 @@ def write_repository(export_dir: Path, out: Path, options: RepoOptions, engines_
         version = tmp / SAMPLER / "1"
         version.mkdir(parents=True)
         shutil.copytree(export_dir / "tokenizer", version / "tokenizer")
+        if unet:
+            _write_unet_sampler(tmp, manifest, options, root, io_types, io_shapes, batch_sizes.get("unet"))
+            summary["models"][SAMPLER] = {"backend": "python (BLS sampler, UNet family)",
+                                          "max_batch_size": options.max_batch}
+            summary["validation"] = validate_repository(tmp)
+            return summary
         cfg = manifest["model_config"]
         settings = {"manifest": {"dims": manifest["dims"], "conditioning": manifest["conditioning"],
                                  "sampler_defaults": manifest["sampler_defaults"],
@@ -235,7 +241,7 @@ def write_repository(export_dir: Path, out: Path, options: RepoOptions, engines_
                                  "model": manifest.get("model")},
                     "models": {"text_encoder": f"{PREFIX}text_encoder", "conditioners": f"{PREFIX}conditioners",
                                "dit": dit_models, "vae_decoder": f"{PREFIX}vae_decoder"},
-                    "bucket_edges": bucket_edges, "dit_batch_sizes": dit_batch_sizes,
+                    "bucket_edges": bucket_edges, "dit_batch_sizes": batch_sizes.get("dit"),
                     "vae_batch": summary["models"][f"{PREFIX}vae_decoder"]["max_batch_size"],
                     "io_types": io_types, "io": io_shapes, "max_batch": options.max_batch,
                     "request_timeout_s": options.request_timeout_s}
@@ -245,6 +251,23 @@ def write_repository(export_dir: Path, out: Path, options: RepoOptions, engines_
         summary["models"][SAMPLER] = {"backend": "python (BLS sampler)", "max_batch_size": options.max_batch}
         summary["validation"] = validate_repository(tmp)
     return summary
+
+
+def _write_unet_sampler(repo: Path, manifest: Mapping[str, Any], options: RepoOptions, root: Path,
+                        io_types: Mapping[str, Any], io_shapes: Mapping[str, Any], unet_sizes: list[int] | None) -> None:
+    """`quadit_generate` of a UNet-family export: `engines.serving.triton_bls_unet` over the four graph models,
+    mono audio. A TensorRT UNet engine's largest profile batch caps the rows of one UNet call."""
+    settings = {"family": "unet",
+                "manifest": {k: manifest[k] for k in ("dims", "conditioning", "sampler_defaults", "scheduler_config",
+                                                      "unet_family", "model", "family")},
+                "models": {g: f"{PREFIX}{g}" for g in UNET_GRAPHS}, "unet_max_rows": max(unet_sizes) if unet_sizes else None,
+                "io_types": io_types, "io": io_shapes, "max_batch": options.max_batch,
+                "request_timeout_s": options.request_timeout_s}
+    version = repo / SAMPLER / "1"
+    (version / "quadit.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (version / "model.py").write_text(SHIM.format(what="BLS sampler (UNet family)", root=str(root),
+                                                  module="triton_bls_unet"))
+    (repo / SAMPLER / "config.pbtxt").write_text(sampler_config(options, {}, channels=1))
 
 
 def validate_repository(repo: Path) -> dict[str, str]:
