@@ -165,3 +165,37 @@ def ldm_unet_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
         else:
             raise ValueError(f"no openaimodel key for the diffusers UNet key {key}")
     return out
+
+
+def ldm_vae_state_dict(vae: nn.Module) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's weights under the LDM autoencoder's keys with the `first_stage_model.` prefix
+    (`ldm/modules/diffusionmodules/model.py`: `down.{i}.block.{j}`, `up.{n-1-i}` for diffusers' up block i,
+    `mid.block_1/2`, `mid.attn_1.{norm,q,k,v,proj_out}` as 1x1 convolutions); `convert_vae` maps them back."""
+    import re
+
+    levels = len(vae.config.block_out_channels)
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    rules = [
+        (r"^(encoder)\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"{m[1]}.down.{m[2]}.block.{m[3]}."),
+        (r"^(encoder)\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda m: f"{m[1]}.down.{m[2]}.downsample.conv."),
+        (r"^(decoder)\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+         lambda m: f"{m[1]}.up.{levels - 1 - int(m[2])}.block.{m[3]}."),
+        (r"^(decoder)\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.",
+         lambda m: f"{m[1]}.up.{levels - 1 - int(m[2])}.upsample.conv."),
+        (r"^(\w+)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+        (r"^(\w+)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
+         lambda m: f"{m[1]}.mid.attn_1.{attn[m[2]]}."),
+        (r"^(\w+)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
+    ]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in vae.state_dict().items():
+        new = key
+        for pattern, repl in rules:
+            new, n = re.subn(pattern, repl, new)
+            if n:
+                break
+        new = new.replace("conv_shortcut", "nin_shortcut")
+        if ".mid.attn_1." in new and new.endswith("weight") and value.dim() == 2:
+            value = value[:, :, None, None]  # the LDM attention's q/k/v/proj_out are 1x1 convolutions
+        out[LDM_VAE_PREFIX + new] = value.clone()
+    return out
