@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 # ORT fuses DQ(INT4)->MatMul into MatMulNBits with int8 activations unless told otherwise (its default
 # accuracy level is 4): w4a16 must compute with float activations to mean what it says.
 W4A16_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+# ORT's CPU QDQ fusion rewrites a MatMul fed by two activation DQs (an FP8 attention core's) as MatMulIntegerToFloat,
+# which has no FP8 type, and refuses the graph: such a graph runs its Q/DQ as float math (E4M3 rounding, exact)
+FP8_ATTENTION_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
 # the latent length the export's precision map weighs FLOPs at (SAO 1.0's 47.55 s window)
 PRECISION_MAP_LATENTS = 1024
 
@@ -130,7 +133,8 @@ def session_config(recipe: Recipe, layers: Sequence[str], target: str | None = N
     when any layer is w4a16: a mixed recipe's w4a16 layers too, whatever its top-level scheme) plus, for the
     ONNX Runtime target, the session options chosen by measurement (exporter/passes/ort_fusion.py)."""
     w4a16 = any(s and s["scheme"] == "w4a16" for s in recipe.resolve(layers).values())
-    return {**(ORT_SESSION_CONFIG if target == "onnxruntime" else {}), **(W4A16_SESSION_CONFIG if w4a16 else {})}
+    return {**(ORT_SESSION_CONFIG if target == "onnxruntime" else {}), **(W4A16_SESSION_CONFIG if w4a16 else {}),
+            **(FP8_ATTENTION_SESSION_CONFIG if recipe.attention_quant == "fp8" else {})}
 
 
 def quantize_graph(fp32_path: Path, layers: Sequence[str], calibration: Calibration, recipe: Recipe,
