@@ -4,9 +4,10 @@ within a weight-size budget, written as an ordinary recipe.
 Each activation tensor's readers (one layer, or the six cross-attention `to_kv` layers that all read the
 condition tokens) form a group with one precision, since they share one activation quantizer. A group's
 options are float (the base graph's type: FP32 for ONNX Runtime, FP16 for TensorRT; it saves nothing) and
-each scheme the target runs (w8a8, w4a16, w4a8 on ONNX Runtime), costed by the measured noise share of its
-layers (`engines/evaluation/sensitivity.py`: nsr adds across layers because independent errors add in power) and the
-measured bytes they save. The choice is an exact multiple-choice knapsack (dynamic programming over the
+each scheme the target runs (w8a8, w4a16, w4a8 on ONNX Runtime; w8a8, fp8, w4a16 on TensorRT), costed by the
+measured noise share of its layers (`engines/evaluation/sensitivity.py`: nsr adds across layers because
+independent errors add in power) and the measured bytes they save. The choice is an exact multiple-choice
+knapsack (dynamic programming over the
 bytes, rounded up so the budget holds): minimise the summed nsr subject to base bytes + sum of deltas <=
 budget x FP32 bytes. The stage then measures the chosen assignment end to end (held-out prompts, step SQNR
 and final-latent SNR) beside the uniform schemes, and hands the recipe to the ordinary quantize and report

@@ -63,7 +63,14 @@ ISSUE14 = [
     q("w4a8", "timestep-smoothquant", "dynamic", **RTN),
     q("w4a8", "timestep-smoothquant", "dynamic"),
 ]
-GRIDS = {"full": FULL, "issue14": ISSUE14}
+# issue 22: FP8 E4M3 (TensorRT's; on the FP32 graph with exact Q/DQ like every row): minmax, quadit's defaults, and
+# with FP8 attention cores (exporter/passes/fp8_attention.py; needs an artifact with attention statistics)
+FP8 = [
+    q("fp8", "minmax", **RTN),
+    q("fp8", "timestep-smoothquant", bucket_policy="per-bucket-scale"),
+    q("fp8", "timestep-smoothquant", bucket_policy="per-bucket-scale", attention_quant="fp8"),
+]
+GRIDS = {"full": FULL + FP8, "issue14": ISSUE14, "issue22": FP8}
 
 
 def ort_peers():
@@ -130,7 +137,7 @@ def execute(args: argparse.Namespace) -> int:
     if args.grid not in GRIDS:
         raise InputError(f"unknown --grid '{args.grid}' (choose from: {', '.join(GRIDS)})")
     schemes = [s for s in args.schemes.split(",") if s and s != "none"]
-    unknown = set(schemes) - {"w8a8", "w4a16", "w4a8"}
+    unknown = set(schemes) - {"w8a8", "w4a16", "w4a8", "fp8"}
     if unknown:
         raise InputError(f"unknown scheme(s) in --schemes: {', '.join(sorted(unknown))}")
 
@@ -255,7 +262,8 @@ def execute(args: argparse.Namespace) -> int:
                                        "total_size_ratio": graphs * size / st["fp32_bytes"]}
 
             static = recipe.activations == "static"
-            keep(measure(name, make, (recipe.scheme != "w4a16") if static else None))
+            # fp8's activations are not INT8: ORT has no fused kernel to compare (exact Q/DQ only)
+            keep(measure(name, make, (recipe.scheme not in ("w4a16", "fp8")) if static else None))
         if not args.no_modelopt:
             from engines.evaluation.modelopt_baseline import MODELOPT_CONFIGS
 

@@ -41,8 +41,11 @@ from exporter.stages.quantized import Calibration
 log = logging.getLogger(__name__)
 SCHEMA = 1
 KIND = "quadit-sensitivity"
-# what each target can run per layer besides float (ARCHITECTURE.md section 3): TensorRT has no W4A8
-TARGET_SCHEMES = {"tensorrt": ("w8a8", "w4a16"), "onnxruntime": ("w8a8", "w4a8", "w4a16")}
+# what each target can run per layer besides float (ARCHITECTURE.md section 3): TensorRT has no W4A8; FP8
+# (E4M3 weights and activations, issue 22) is TensorRT's. A layer's activation and weight always get one scheme
+# (layers reading one tensor share its quantizer and form one group), so no GEMM mixes INT8 and FP8 on its two
+# inputs, the one mix TensorRT refuses (exporter/tensorrt/checker.py, "one quantized type")
+TARGET_SCHEMES = {"tensorrt": ("w8a8", "fp8", "w4a16"), "onnxruntime": ("w8a8", "w4a8", "w4a16")}
 # the low-rank rank a 4-bit layer may also get (docs/figures.md: rank 32 is what lifts w4a16 past w8a8's
 # final-latent SNR on sao-mini, at 0.04x of FP32 more bytes); a precision is "scheme" or "scheme+rR"
 LOWRANK_OPTION = 32
