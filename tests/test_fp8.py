@@ -147,7 +147,8 @@ def test_speed_model_costs_fp8_gemms_at_the_fp8_peak(fp8_graphs):
 
 
 def test_bench_predict_has_fp8_rows_on_every_gpu(mini, tmp_path):
-    """`bench.py --predict` on sao-mini (flat statistics): FP16, w8a8, fp8 and w4a16 per GPU, JSON + Markdown + PNG."""
+    """`bench.py --predict` on sao-mini (flat statistics): FP16, w8a8, fp8, fp8 with FP8 attention and w4a16 per GPU,
+    JSON + Markdown + PNG."""
     import json
 
     from engines.evaluation.bench_predict import predict_main
@@ -157,7 +158,11 @@ def test_bench_predict_has_fp8_rows_on_every_gpu(mini, tmp_path):
     table = doc["lengths"]["256"]["gpus"]
     assert set(table) == {"H100", "H200", "L40S", "RTX 4090", "B200"}
     for rows in table.values():
-        assert set(rows) == {"fp16", "w8a8", "fp8", "w4a16"} and rows["fp16"]["speedup_vs_fp16"] == 1.0
-    assert doc["lengths"]["256"]["precision"]["fp8"]["layers"]["weight GEMM"]["FP8 (FP16 out)"] == 42
+        assert {"fp16", "w8a8", "fp8", "fp8 + fp8 attention", "w4a16"} <= set(rows)
+        assert rows["fp16"]["speedup_vs_fp16"] == 1.0
+        assert rows["fp8 + fp8 attention"]["total_ms"] < rows["fp8"]["total_ms"]
+    precision = doc["lengths"]["256"]["precision"]
+    assert precision["fp8"]["layers"]["weight GEMM"]["FP8 (FP16 out)"] == 42
+    assert precision["fp8 + fp8 attention"]["fp8_attention_cores"] == 12 and precision["fp8"]["fp8_attention_cores"] == 0
     assert "fp8 vs fp16" in (tmp_path / "predict" / "predict.md").read_text()
     assert (tmp_path / "predict" / "predict.png").stat().st_size > 1000
