@@ -219,3 +219,35 @@ def test_old_artifact_with_fp8_attention_is_one_line_error_and_no_export(mini_ca
     proc = run_script("export.py", "--synthetic-weights", "--scheme", "w8a8", "--target", "tensorrt", "--attention",
                       "fp8", "--out", str(out))
     assert "goes with --scheme fp8" in one_line_error(proc) and not out.exists()
+
+
+def test_attention_stats_observe_qkv_once_per_call_and_merge_like_a_resumed_run(mini):
+    """The wrapper sees Q, K, V of all 12 attention modules per DiT call and restores the modules afterwards; its
+    state merged into a fresh collector (what a resumed or data-parallel run does) gives the same artifact tensors."""
+    import torch
+
+    from calibration.collector import BucketSpec
+    from engines.calibrate.attention_stats import AttentionStats
+    from exporter.onnx.graphs import DiTGraph
+    from exporter.stages.export import runtime_spec
+
+    dims = runtime_spec(mini)["dims"]
+    g = torch.Generator().manual_seed(0)
+    feeds = (torch.randn(2, dims["io_channels"], 16, generator=g), torch.tensor([0.9, 0.9]),
+             torch.randn(2, dims["cond_tokens"], dims["cond_dim"], generator=g),
+             torch.randn(2, dims["global_dim"], generator=g))
+    graph = DiTGraph(mini.dit).eval()
+    stats = AttentionStats(mini.dit, BucketSpec((1.0, 0.5, 0.0)), 2, (99.0,))
+    with torch.no_grad():
+        plain = graph(*feeds)
+        with stats:
+            stats.collector.begin_step(0, 0.9)
+            hooked = graph(*feeds)
+    assert torch.equal(plain, hooked) and not any("apply_attn" in m.__dict__ for m in stats.modules.values())
+    tensors = stats.tensors()
+    assert len(stats.modules) == 12 and len([k for k in tensors if k.endswith(".absmax")]) == 36
+    absmax = tensors["attn.transformer.layers.0.self_attn.q.absmax"]
+    assert absmax[0] > 0 and absmax[1] == 0  # t = 0.9 is bucket 0; bucket 1 saw nothing
+    fresh = AttentionStats(mini.dit, BucketSpec((1.0, 0.5, 0.0)), 2, (99.0,))
+    fresh.collector.merge_state(stats.collector.state)
+    assert all(torch.equal(v, fresh.tensors()[k]) for k, v in tensors.items())
