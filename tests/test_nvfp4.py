@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
@@ -91,3 +92,87 @@ def test_trt_form_and_its_onnx_runtime_emulation_agree():
     exact = x.astype(np.float64) @ w
     rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
     assert 0.03 < rel < 0.25, rel
+
+
+def test_nvfp4_is_tensorrt_only_and_static():
+    from exporter.errors import InputError
+    from exporter.passes.recipe import Recipe
+
+    with pytest.raises(InputError, match="nvfp4 needs --target tensorrt"):
+        Recipe(scheme="nvfp4").check_target("onnxruntime")
+    with pytest.raises(InputError, match="per block of 16 at run time"):
+        Recipe(scheme="nvfp4", activations="dynamic").check_target("tensorrt")
+    with pytest.raises(InputError, match="nvfp4_fallback_db"):
+        Recipe(scheme="nvfp4", nvfp4_fallback_db=-1.0)
+    Recipe(scheme="nvfp4", lowrank=32, block_size=16).check_target("tensorrt")  # the INT4 block rule is not nvfp4's
+
+
+@pytest.fixture(scope="module")
+def nvfp4_graphs(mini, mini_export, mini_calibration, tmp_path_factory):
+    from conftest import RTN
+
+    from exporter.models.layers import quantizable_linears
+    from exporter.passes.recipe import Recipe
+    from exporter.stages.quantized import export_fp16_base, quantize_graph
+
+    root = tmp_path_factory.mktemp("nvfp4")
+    base = root / "dit.fp16.onnx"
+    export_fp16_base(mini, mini_export[1]["dims"], base)
+    layers = list(quantizable_linears(mini.dit))
+    out = {"fp16": (base, onnx.load(str(base)), None)}
+    recipes = {"nvfp4": Recipe(scheme="nvfp4", nvfp4_fallback_db=0.0, **RTN),
+               "nvfp4-r32": Recipe(scheme="nvfp4", lowrank=32, nvfp4_fallback_db=0.0, **RTN),
+               "nvfp4-fallback": Recipe(scheme="nvfp4", nvfp4_fallback_db=60.0, **RTN)}
+    for name, recipe in recipes.items():
+        model, record = quantize_graph(base, layers, mini_calibration, recipe)
+        onnx.save(model, str(root / f"{name}.onnx"))
+        out[name] = (root / f"{name}.onnx", model, record)
+    return out
+
+
+def test_nvfp4_graph_is_tensorrt_clean_with_fp4_gemms(nvfp4_graphs):
+    from collections import Counter
+
+    from exporter.tensorrt.checker import check_graph
+    from exporter.tensorrt.precision_map import precision_map
+
+    _, model, record = nvfp4_graphs["nvfp4-r32"]
+    assert check_graph(model) == []
+    assert next(o.version for o in model.opset_import if o.domain == "") == 23
+    pmap = precision_map(model, latents=1024)
+    assert pmap.violations == []
+    kinds = Counter((x.kind, x.precision) for x in pmap.layers)
+    assert kinds[("weight GEMM", "NVFP4 (FP16 out)")] == 42
+    assert not any(x.compute == "FP32" for x in pmap.layers if x.quantized or x.kind == "attention MatMul")
+    assert pmap.attention_cores == pmap.fusable_attention_cores == 12
+    quantizers = [n for n in model.graph.node if n.op_type == "TRT_FP4DynamicQuantize"]
+    assert len(quantizers) == len({n.input[0] for n in quantizers})  # one per activation tensor
+    assert all(r["rank"] == 32 and r["weight_rel_error_lowrank"] < r["weight_rel_error_plain"] for r in record.values())
+    # a broken form is named: INT8 activations into an FP4 weight, a wrong block size
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    q = next(n for n in broken.graph.node if n.op_type == "TRT_FP4DynamicQuantize")
+    next(a for a in q.attribute if a.name == "block_size").i = 32
+    assert "FP4 quantizer" in {v.rule for v in check_graph(broken)}
+
+
+def test_nvfp4_runs_emulated_and_the_branch_and_fallback_pay(nvfp4_graphs):
+    from engines.evaluation.accuracy import sqnr_db
+    from exporter.onnx.torch_export import ort_session
+
+    rng = np.random.default_rng(3)
+    sessions = {k: ort_session(v[0]) for k, v in nvfp4_graphs.items()}
+    snr: dict[str, list[float]] = {k: [] for k in nvfp4_graphs if k != "fp16"}
+    for t in (0.9, 0.5, 0.1):
+        feeds = {"x": rng.standard_normal((2, 64, 24)).astype(np.float32), "t": np.array([t, t], np.float32),
+                 "cross_attn_cond": rng.standard_normal((2, 66, 256)).astype(np.float32),
+                 "global_embed": rng.standard_normal((2, 512)).astype(np.float32)}
+        ref = sessions["fp16"].run(None, feeds)[0]
+        for name in snr:
+            snr[name].append(sqnr_db(ref, sessions[name].run(None, feeds)[0]))
+    mean = {k: float(np.mean(v)) for k, v in snr.items()}
+    assert mean["nvfp4"] > 3.0, mean
+    assert mean["nvfp4-r32"] > mean["nvfp4"] + 1.0, mean
+    fallback = [r for r in nvfp4_graphs["nvfp4-fallback"][2].values() if r.get("nvfp4_fallback", {}).get("int4_fallback")]
+    assert fallback and all(r["scheme"] == "w4a16" for r in fallback)
+    assert mean["nvfp4-fallback"] > mean["nvfp4"], mean

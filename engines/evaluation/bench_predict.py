@@ -1,5 +1,6 @@
-"""`scripts/bench.py --predict`: the roofline PREDICTION of TensorRT FP16, w8a8, fp8 (GEMMs only, and with FP8 attention)
-and w4a16 DiT engines per GPU (a UNet-family model, AudioLDM / TANGO: FP16 and w8a8 UNet engines, `predict_unet_main`).
+"""`scripts/bench.py --predict`: the roofline PREDICTION of TensorRT FP16, w8a8, fp8 (GEMMs only, and with FP8 attention),
+w4a16 and nvfp4 (with and without a rank-32 branch; Blackwell only) DiT engines per GPU (a UNet-family model,
+AudioLDM / TANGO: FP16 and w8a8 UNet engines, `predict_unet_main`).
 
 Nothing is timed. The TensorRT-target graphs are built as `scripts/export.py --target tensorrt` builds them
 (the FP16 DiT, quantized with FP16 scales), read by the precision map (what a strongly typed build runs each
@@ -26,7 +27,10 @@ log = logging.getLogger("bench.predict")
 RECIPES = {"w8a8": dict(scheme="w8a8", **ROUND_TO_NEAREST),
            "fp8": dict(scheme="fp8", **ROUND_TO_NEAREST),
            "fp8 + fp8 attention": dict(scheme="fp8", attention_quant="fp8", **ROUND_TO_NEAREST),
-           "w4a16": dict(scheme="w4a16", block_size=128, **ROUND_TO_NEAREST)}
+           "w4a16": dict(scheme="w4a16", block_size=128, **ROUND_TO_NEAREST),
+           # NVFP4 (Blackwell only: the other GPUs' rows say "not supported"); the fallback rule needs input rows
+           "nvfp4": dict(scheme="nvfp4", nvfp4_fallback_db=0.0, **ROUND_TO_NEAREST),
+           "nvfp4 + lowrank 32": dict(scheme="nvfp4", lowrank=32, nvfp4_fallback_db=0.0, **ROUND_TO_NEAREST)}
 
 
 def flat_calibration(loaded, buckets: int = 4):
@@ -54,7 +58,9 @@ def _chart(doc: dict[str, Any], path: Path, length: int, subject: str = "DiT cal
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / len(cands)
     for i, c in enumerate(cands):
-        ax.bar([g + i * width for g in range(len(gpus))], [table[g][c]["total_ms"] for g in gpus], width, label=c)
+        # a precision a GPU has no tensor cores for (NVFP4 before Blackwell) has no bar
+        ax.bar([g + i * width for g in range(len(gpus))], [table[g][c].get("total_ms", 0.0) for g in gpus], width,
+               label=c)
     ax.set_xticks([g + width * (len(cands) - 1) / 2 for g in range(len(gpus))], gpus)
     ax.set_ylabel(f"ms per {subject} (CFG batch 2)")
     ax.set_title(f"PREDICTION (roofline, not measured), {length} {unit}")

@@ -200,7 +200,12 @@ def report_stage(loaded: LoadedModel, calibration: Calibration, recipe: Recipe, 
             row["size_ratio"] = size / fp32_bytes
             rows.append(row)
         info = None
-        if modelopt:
+        from engines.evaluation.modelopt_baseline import NEEDS_CUDA
+
+        if modelopt and device == "cpu" and recipe.scheme in NEEDS_CUDA:
+            log.warning("ModelOpt's %s fake quantization runs on CUDA only; its row is left out (--device cuda adds it)",
+                        recipe.scheme)
+        elif modelopt:
             cal_traj = capture(pipeline, reference, cal_prompts[:count], settings)
             candidate, info = modelopt_candidate(loaded, recipe.scheme, cal_traj, device,
                                                  eval_steps=2 * settings.prompts * settings.steps,

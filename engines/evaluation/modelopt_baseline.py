@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 # quadit scheme -> name of the ModelOpt preset in `modelopt.torch.quantization` it is compared against.
 MODELOPT_CONFIGS = {"w8a8": "INT8_SMOOTHQUANT_CFG", "w4a16": "INT4_AWQ_CFG", "w4a8": "W4A8_AWQ_BETA_CFG",
-                    "fp8": "FP8_DEFAULT_CFG"}
+                    "fp8": "FP8_DEFAULT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
+# ModelOpt's NVFP4 fake quantization computes block scales with CUDA kernels only ("amax must be a CUDA tensor
+# for dynamic block quantization", modelopt 0.47 on a CPU): its peer row needs --device cuda
+NEEDS_CUDA = ("nvfp4",)
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 

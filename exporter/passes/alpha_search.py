@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from exporter.passes import nvfp4
 from exporter.passes.qdq import FP8_MAX, fake_quantize_fp8, fake_quantize_fp8_weight, fake_quantize_weight
 from exporter.passes.smoothing import smoothing_factors
 
@@ -57,20 +58,39 @@ def _fake_act(x: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.rint(x / scale), -127, 127) * scale
 
 
+def fake_weight(w_kn: np.ndarray, fmt: str, bits: int, block: int) -> np.ndarray:
+    """A [K, N] weight through the deployed weight quantizer of `fmt` (see `loss`), dequantized."""
+    if fmt == "fp8":
+        return fake_quantize_fp8_weight(w_kn)
+    if fmt == "nvfp4":
+        return nvfp4.fake_quantize_weight_kn(w_kn)
+    return fake_quantize_weight(w_kn, bits, block)
+
+
+def fake_activation(x: np.ndarray, amax: float, fmt: str) -> np.ndarray:
+    """Activation rows through the deployed activation quantizer of `fmt` for a calibrated range `amax`."""
+    if fmt == "fp8":
+        return fake_quantize_fp8(x, amax / FP8_MAX)
+    if fmt == "nvfp4":
+        return nvfp4.fake_quantize(x, nvfp4.global_scale(amax))
+    return _fake_act(x, amax / 127)
+
+
 def loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarray, per_bucket_scale: bool,
          weight_bits: int, block: int, quantize_activations: bool, ref: list[np.ndarray] | None = None,
-         ref_power: list[float] | None = None, fp8: bool = False) -> float:
+         ref_power: list[float] | None = None, fmt: str = "int") -> float:
     """Measured relative output error of the smoothed, quantized Linear(s) on calibration rows, averaged
     over buckets: sum_k ||X_k W - Q(X_k / s) Q(s W)||^2 / ||X_k W||^2. Activations are quantized per
     tensor with the bucket's calibrated range (per-bucket scales) or the overall one, as deployed;
     weights round to nearest (the search ranks smoothing strengths; GPTQ runs afterwards). The products
     run in float32 (the errors measured are 1e-1..1e-4 of the signal, far above its rounding); `ref`, the
     float outputs per bucket, and `ref_power`, their squared norms, can be passed in once for all strengths.
-    `fp8`: weights and activations in E4M3 with per-tensor scales (the fp8 scheme) instead of integers."""
+    `fmt`: "int" (INT8 activations, INT8/INT4 weights), "fp8" (E4M3 with per-tensor scales) or "nvfp4" (E2M1 in
+    16-blocks under the bucket's global scale, as deployed: exporter/passes/nvfp4.py)."""
     x = np.asarray(rows, np.float32)                              # [K, R, C]
     w = np.asarray(w_kn, np.float64)
     ws = w * s[:, None]
-    wq = (fake_quantize_fp8_weight(ws) if fp8 else fake_quantize_weight(ws, weight_bits, block)).astype(np.float32)
+    wq = fake_weight(ws, fmt, weight_bits, block).astype(np.float32)
     ranges = (np.asarray(ch_absmax, np.float64) / s[None, :]).max(axis=1)   # [K]
     if not per_bucket_scale:
         ranges = np.full_like(ranges, ranges.max())
@@ -82,7 +102,7 @@ def loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, s: np.ndarra
         xs = x[k] * inv
         r = max(float(ranges[k]), 1e-12)
         if quantize_activations:
-            xq = (fake_quantize_fp8(xs, r / FP8_MAX) if fp8 else _fake_act(xs, r / 127)).astype(np.float32)
+            xq = fake_activation(xs, r, fmt).astype(np.float32)
         else:
             xq = xs
         diff = ref[k] - xq @ wq
@@ -95,7 +115,7 @@ def _powers(ref: list[np.ndarray]) -> list[float]:
 
 
 def best_alpha_loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, per_bucket_scale: bool,
-                    weight_bits: int, block: int, quantize_activations: bool, fp8: bool = False
+                    weight_bits: int, block: int, quantize_activations: bool, fmt: str = "int"
                     ) -> tuple[float, dict[float, float]]:
     """(alpha, {alpha: measured error}) by `loss` over the same grid and factors as `best_alpha` (AWQ's
     search, on the artifact's reservoir of input rows instead of a noise model)."""
@@ -105,6 +125,6 @@ def best_alpha_loss(rows: np.ndarray, ch_absmax: np.ndarray, w_kn: np.ndarray, p
     ref = [x[k] @ w32 for k in range(x.shape[0])]
     power = _powers(ref)
     costs = {alpha: loss(x, ch_absmax, w_kn, smoothing_factors(a_max, w_max, alpha).astype(np.float64),
-                         per_bucket_scale, weight_bits, block, quantize_activations, ref, power, fp8)
+                         per_bucket_scale, weight_bits, block, quantize_activations, ref, power, fmt)
              for alpha in ALPHAS}
     return min(costs, key=costs.get), costs

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.passes.qdq import fake_quantize_fp8_weight, fake_quantize_weight
+from exporter.passes.alpha_search import fake_weight
 
 
 def _top_singular(w: np.ndarray, rank: int, oversample: int = 16, iterations: int = 4
@@ -43,11 +43,11 @@ def svd_split(w_kn: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def branch_weight_error(l1: np.ndarray, l2: np.ndarray, residual: np.ndarray, bits: int, block: int,
-                        fp8: bool = False) -> dict[str, float]:
+                        fmt: str = "int") -> dict[str, float]:
     """Relative Frobenius error of the deployed weight with and without the branch (FP16 factors,
     quantized residual): the figure the manifest records per layer."""
     def fake(x: np.ndarray) -> np.ndarray:
-        return fake_quantize_fp8_weight(x) if fp8 else fake_quantize_weight(x, bits, block)
+        return fake_weight(x, fmt, bits, block)
 
     w = l1 @ l2 + residual
     norm = np.linalg.norm(w)

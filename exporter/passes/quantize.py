@@ -42,7 +42,7 @@ from tqdm import tqdm
 from exporter.errors import InputError
 from exporter.onnx import graph_edit
 from exporter.onnx.linear_nodes import LinearSite
-from exporter.passes import names, qdq
+from exporter.passes import names, nvfp4, nvfp4_nodes, qdq
 from exporter.passes.gptq import WeightQuant, quantize_weight
 from exporter.passes.lowrank import branch_weight_error, svd_split
 from exporter.passes.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, WEIGHT_BITS, Recipe, int4_block
@@ -55,6 +55,14 @@ DYNAMIC_KERNELS = ("dql", "nbits")
 # than this far above the smallest one is quantized with a scale clipped to PRESCALE_MAX x the smallest
 PRESCALE_MAX = 1024.0
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+_FORMAT_NAMES = {"fp8": "fp8-e4m3 per tensor", "nvfp4": "nvfp4 (e2m1, blocks of 16, e4m3 block scales)"}
+
+
+def weight_format(scheme: str) -> str:
+    """The number format a scheme quantizes in: "fp8", "nvfp4" or "int" (exporter/passes/alpha_search.py)."""
+    return scheme if scheme in ("fp8", "nvfp4") else "int"
 
 
 def float_type(model: onnx.ModelProto, initializer: str) -> type:
@@ -105,14 +113,14 @@ def _alphas(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats: Mapp
         settings = active[members[0]]
         per_bucket_scale = recipe.bucket_policy == "per-bucket-scale" and bucket is None
         bits, quant_act = WEIGHT_BITS[settings["scheme"]], settings["scheme"] != "w4a16"
-        fp8 = settings["scheme"] == "fp8"
+        fmt = weight_format(settings["scheme"])
         rows = stats[members[0]].rows
         if recipe.alpha_search == "loss" and rows is not None:
             from exporter.passes.alpha_search import best_alpha_loss
 
             rows = rows[bucket:bucket + 1] if bucket is not None else rows
             alpha, _ = best_alpha_loss(rows, ch, w_kn, per_bucket_scale, bits, int(settings["block_size"]), quant_act,
-                                       fp8)
+                                       fmt)
         else:
             if recipe.alpha_search == "loss":
                 _warn_once("alpha_search 'loss' needs the artifact's input rows (calibrate with this quadit); "
@@ -169,6 +177,40 @@ def _act_clip(stats: Mapping[str, LayerStats], members: Sequence[str], factors: 
     return search_clip(rows, per_bucket, w, shared)
 
 
+def _nvfp4_fallback(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats: Mapping[str, LayerStats],
+                    factors: Mapping[str, np.ndarray], members: Sequence[str], active: Mapping[str, dict[str, Any]],
+                    recipe: Recipe, bucket: int | None, k_buckets: int):
+    """(Decision, INT4 block) of exporter/passes/nvfp4_fallback.py for one activation's readers, or None when
+    the artifact has no input rows to measure on."""
+    from exporter.passes.nvfp4_fallback import decide
+
+    rows = stats[members[0]].rows
+    if rows is None:
+        _warn_once("nvfp4's INT4 fallback needs the artifact's input rows (calibrate with this quadit); all layers "
+                   "stay NVFP4")
+        return None
+    smooth = factors.get(members[0], np.ones(rows.shape[-1]))
+    rows = np.asarray(rows, np.float64) / smooth[None, None, :]
+    per_bucket = np.max([np.max(np.asarray(stats[m].ch_absmax, np.float64) / factors.get(m, 1.0), axis=1)
+                         for m in members], axis=0)
+    per_bucket = np.maximum(per_bucket, 1e-8)
+    if bucket is not None:
+        rows, ranges = rows[bucket:bucket + 1], per_bucket[bucket:bucket + 1]
+    elif recipe.bucket_policy == "per-bucket-scale" and k_buckets > 1:
+        pre = np.clip(per_bucket.min() / per_bucket, 1.0 / PRESCALE_MAX, 1.0)
+        ranges = per_bucket.min() / pre
+    else:
+        ranges = np.full_like(per_bucket, per_bucket.max())
+    weights = [_weight_in_out(model, graph_edit.node_by_name(model, sites[m].node), m) for m in members]
+    k, n = weights[0].shape[0], sum(w.shape[1] for w in weights)
+    block = int4_block(k, n, 128, TRT_INT4_BLOCKS)
+    decision = decide(rows, ranges, weights, int(active[members[0]]["lowrank"]), block, recipe.nvfp4_fallback_db)
+    if decision.fallback:
+        log.info("nvfp4 -> INT4 weight-only for %s: NVFP4 %.1f dB < INT4 %.1f dB on the calibration rows",
+                 ", ".join(members), decision.nvfp4_sqnr_db, decision.int4_sqnr_db)
+    return decision, block
+
+
 def bucket_index(model: onnx.ModelProto, edges: Sequence[float], t_input: str = "t") -> str:
     """bucket = number of interior edges >= t (calibration's BucketSpec rule), as an int64 [B]."""
     if any(n.output and n.output[0] == names.BUCKET for n in model.graph.node):
@@ -214,6 +256,14 @@ def static_qdq(model: onnx.ModelProto, tensor: str, scale: float, dtype: type = 
                    helper.make_node("DequantizeLinear", [names.act(tensor, "q")] + q_in[1:], [names.act(tensor, "dq")],
                                     name=names.node(tensor, "act_dq"))])
     return names.act(tensor, "dq")
+
+
+def _act_quantizer(model: onnx.ModelProto, tensor: str, scale: float, dtype: type, scheme: str) -> str:
+    """The static activation quantizer of a scheme: NVFP4's dynamic-block chain under a static global scale
+    (`scale`), else one per-tensor Q/DQ (INT8, or E4M3 for fp8)."""
+    if scheme == "nvfp4":
+        return nvfp4_nodes.activation(model, tensor, scale, dtype)
+    return static_qdq(model, tensor, scale, dtype, scheme == "fp8")
 
 
 def _weight_dq(model: onnx.ModelProto, layer: str, w_kn: np.ndarray, bits: int, block: int,
@@ -316,6 +366,12 @@ def int4_plan(shapes: Mapping[str, tuple[int, int]], settings: Mapping[str, dict
     (kept in float); each change is logged once, so a user sees it before the quantized graph exists."""
     plan: dict[str, int | None] = {}
     for name, s in settings.items():
+        if s is not None and s["scheme"] == "nvfp4":
+            if shapes[name][0] % nvfp4.BLOCK:
+                plan[name] = None
+                log.warning("layer %s [K=%d]: NVFP4 blocks of %d do not split K; it stays in float", name,
+                            shapes[name][0], nvfp4.BLOCK)
+            continue
         if s is None or WEIGHT_BITS[s["scheme"]] == 8:
             continue
         k, n = shapes[name]
@@ -351,6 +407,8 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
         resolved[name] = None if block is None else {**resolved[name], "block_size": block}
     active = {n: s for n, s in resolved.items() if s is not None}
     record: dict[str, dict[str, Any]] = {n: {"quantized": False} for n, s in resolved.items() if s is None}
+    if any(s["scheme"] == "nvfp4" for s in active.values()):
+        nvfp4_nodes.prepare(model)
     factors: dict[str, np.ndarray] = {}
     if recipe.method != "minmax":
         by_alpha: dict[float, dict[str, LinearSite]] = defaultdict(dict)
@@ -372,7 +430,7 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
         node = graph_edit.node_by_name(model, sites[name].node)
         groups[node.input[0]].append(name)
     k_buckets = len(edges) - 1
-    rounding = "nearest" if recipe.scheme == "fp8" else recipe.weight_rounding
+    rounding = "nearest" if recipe.scheme in ("fp8", "nvfp4") else recipe.weight_rounding
     for tensor, members in tqdm(groups.items(), desc=f"quantize[{rounding}]", unit="tensor",
                                 leave=False):
         kinds = {(active[m]["scheme"], active[m]["activations"]) for m in members}
@@ -381,15 +439,23 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                              "they share one activation quantizer, so give them the same scheme and activations")
         scheme, activations = kinds.pop()
         ftype = ftypes[members[0]]
+        fallback = None
+        if scheme == "nvfp4" and recipe.nvfp4_fallback_db > 0:
+            fallback = _nvfp4_fallback(model, sites, stats, factors, members, active, recipe, bucket, k_buckets)
+            if fallback is not None and fallback[0].fallback:
+                scheme = "w4a16"
+                for m in members:
+                    active[m] = {**active[m], "scheme": "w4a16", "block_size": fallback[1]}
         # calibrated range of the (smoothed) activation per bucket
         per_bucket = np.max([np.max(np.asarray(stats[m].ch_absmax, np.float64) / factors.get(m, 1.0), axis=1)
                              for m in members], axis=0)
         per_bucket = np.maximum(per_bucket, 1e-8)
         static = scheme != "w4a16" and activations == "static"
-        fp8 = scheme == "fp8"
-        qmax = qdq.FP8_MAX if fp8 else 127
+        fp8, fp4 = scheme == "fp8", scheme == "nvfp4"
+        # fp4: the "scale" of an activation is its NVFP4 global scale, range / (6 * 448)
+        qmax = qdq.FP8_MAX if fp8 else nvfp4.FP4_MAX * nvfp4.FP8_MAX if fp4 else 127
         clip_info: dict[str, Any] = {}
-        if static and recipe.act_clip == "mse" and not fp8:
+        if static and recipe.act_clip == "mse" and not (fp8 or fp4):
             shared = bucket is None and not (recipe.bucket_policy == "per-bucket-scale" and k_buckets > 1)
             ratios, clip_info = _act_clip(stats, members, factors, model, sites, per_bucket, shared, bucket)
             per_bucket = per_bucket * ratios
@@ -397,7 +463,7 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
         if static:
             if bucket is not None:
                 act_scales = [float(per_bucket[bucket]) / qmax]
-                x_q = static_qdq(model, tensor, act_scales[0], ftype, fp8)
+                x_q = _act_quantizer(model, tensor, act_scales[0], ftype, scheme)
             elif recipe.bucket_policy == "per-bucket-scale" and k_buckets > 1:
                 index = bucket_index(model, edges)
                 shared = float(per_bucket.min())
@@ -407,12 +473,12 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                 inverse = gathered(model, tensor, "postscale", post_table, index)
                 model.graph.node.append(helper.make_node("Mul", [tensor, pre], [names.act(tensor, "prescaled")],
                                                          name=names.node(tensor, "prescale_mul")))
-                x_q = static_qdq(model, names.act(tensor, "prescaled"), shared / qmax, ftype, fp8)
-                q_scale = float(qdq.positive_scale(shared / qmax, ftype))
+                x_q = _act_quantizer(model, names.act(tensor, "prescaled"), shared / qmax, ftype, scheme)
+                q_scale = float(qdq.positive_scale(shared / qmax, np.float32 if fp4 else ftype))
                 act_scales = [q_scale / float(p) for p in pre_table]
             else:
                 act_scales = [float(per_bucket.max()) / qmax]
-                x_q = static_qdq(model, tensor, act_scales[0], ftype, fp8)
+                x_q = _act_quantizer(model, tensor, act_scales[0], ftype, scheme)
         for layer in members:
             settings = active[layer]
             node = graph_edit.node_by_name(model, sites[layer].node)
@@ -421,15 +487,17 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
             rec = record.setdefault(layer, {"smoothed": False})
             rec.update({"quantized": True, "scheme": scheme, "activations": activations if scheme != "w4a16" else "none",
                         "weight_bits": bits, "block_size": block if bits == 4 else None, "rank": rank,
-                        "weight_format": "fp8-e4m3 per tensor" if fp8 else f"int{bits}",
+                        "weight_format": _FORMAT_NAMES.get(scheme, f"int{bits}"),
                         "act_scales": act_scales, "act_range_per_bucket": [float(r) for r in per_bucket],
-                        **clip_info, "weight_rounding": "nearest" if fp8 else recipe.weight_rounding,
-                        "weight_clip": "absmax" if fp8 else recipe.weight_clip})
+                        **clip_info, "weight_rounding": "nearest" if fp8 or fp4 else recipe.weight_rounding,
+                        "weight_clip": "absmax" if fp8 or fp4 else recipe.weight_clip})
+            if fallback is not None:
+                rec["nvfp4_fallback"] = fallback[0].to_json()
             if rank:
                 l1, l2, w_kn = svd_split(w_kn, rank)
-                rec.update(branch_weight_error(l1, l2, w_kn, bits, block, fp8))
+                rec.update(branch_weight_error(l1, l2, w_kn, bits, block, weight_format(scheme)))
             how = WeightQuant(recipe.weight_rounding, recipe.weight_clip)
-            hessian = None if fp8 else _hessian(stats[layer], factors.get(layer), recipe)
+            hessian = None if fp8 or fp4 else _hessian(stats[layer], factors.get(layer), recipe)
             final_out = node.output[0]
             raw = names.matmul_out(layer, "raw") if (inverse or rank) else final_out
             dynamic = scheme != "w4a16" and activations == "dynamic"
@@ -445,7 +513,11 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                 kernel = "DynamicQuantizeLinear+MatMulInteger"
                 model.graph.node.remove(node)
             else:
-                w_dq, scale = _weight_dq(model, layer, w_kn, bits, block, ftype, how, hessian, fp8)
+                if fp4:
+                    w_dq, g_w = nvfp4_nodes.weight(model, layer, w_kn, ftype)
+                    scale = np.array([g_w])
+                else:
+                    w_dq, scale = _weight_dq(model, layer, w_kn, bits, block, ftype, how, hessian, fp8)
                 node.input[0], node.input[1] = x_q, w_dq
                 node.output[0] = raw
                 kernel = "Q/DQ MatMul"

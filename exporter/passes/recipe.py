@@ -22,9 +22,12 @@ from typing import Any, Iterable
 from exporter.errors import InputError
 
 RECIPE_VERSION = 1
-SCHEMES = ("w8a8", "w4a16", "w4a8", "fp8")
-# bits of each scheme's weights; fp8 is E4M3 (8 bits, 3 of mantissa) with per-tensor scales, TensorRT only
-WEIGHT_BITS = {"w8a8": 8, "fp8": 8, "w4a16": 4, "w4a8": 4}
+SCHEMES = ("w8a8", "w4a16", "w4a8", "fp8", "nvfp4")
+# bits of each scheme's weights; fp8 is E4M3 (8 bits, 3 of mantissa) with per-tensor scales, TensorRT only;
+# nvfp4 is E2M1 in blocks of 16 with E4M3 block scales (W4A4, Blackwell; exporter/passes/nvfp4.py), TensorRT only
+WEIGHT_BITS = {"w8a8": 8, "fp8": 8, "w4a16": 4, "w4a8": 4, "nvfp4": 4}
+# schemes whose weights and activations are floats with their own block/tensor scales (no INT4 block size)
+FLOAT_SCHEMES = ("fp8", "nvfp4")
 METHODS = ("minmax", "smoothquant", "timestep-smoothquant")
 ACTIVATIONS = ("static", "dynamic")
 # shared: one activation scale over all buckets; per-bucket-scale: one graph, per-bucket activation
@@ -50,7 +53,8 @@ OVERRIDABLE = ("scheme", "alpha", "lowrank", "block_size", "activations")
 # Accuracy a deployed DiT must keep against FP32 (per-step output SQNR in dB, cosine) on sampler
 # trajectories, unless the recipe sets its own: what `scripts/check.py` enforces. Set from the sao-mini
 # synthetic model's measured figures with a few dB of margin (docs/figures.md).
-DEFAULT_CHECK = {"w8a8": (15.0, 0.98), "w4a16": (6.0, 0.85), "w4a8": (6.0, 0.85), "fp8": (15.0, 0.98)}
+DEFAULT_CHECK = {"w8a8": (15.0, 0.98), "w4a16": (6.0, 0.85), "w4a8": (6.0, 0.85), "fp8": (15.0, 0.98),
+                 "nvfp4": (6.0, 0.85)}
 
 # quadit before issue 14's passes: weights rounded to nearest with abs-max scales, the noise-model smoothing
 # search (needs neither second moments nor input rows; the baselines, structure-only graphs, comparisons)
@@ -102,6 +106,10 @@ class Recipe:
     attention_quant: str = "none"
     min_sqnr_db: float | None = None
     min_cosine: float | None = None
+    # nvfp4's INT4 fallback (exporter/passes/nvfp4_fallback.py): the layers reading an activation whose NVFP4
+    # output SQNR on the calibration rows is below this many dB, and below INT4 weight-only's, are exported
+    # as INT4 weight-only (w4a16) instead; 0 turns the rule off
+    nvfp4_fallback_db: float = 12.0
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -117,6 +125,8 @@ class Recipe:
                                      ("attention_quant", self.attention_quant, ATTENTION_QUANT)):
             if value not in allowed:
                 raise InputError(f"unknown {name} '{value}' (choose from: {', '.join(allowed)})")
+        if not float(self.nvfp4_fallback_db) >= 0.0:
+            raise InputError(f"nvfp4_fallback_db must be >= 0 (0 turns the INT4 fallback off), got {self.nvfp4_fallback_db}")
         if self.version != RECIPE_VERSION:
             raise InputError(f"recipe version {self.version} is not supported (this quadit writes {RECIPE_VERSION})")
         if self.method == "minmax" and self.bucket_policy == "per-bucket-graph":
@@ -171,6 +181,9 @@ class Recipe:
             if "fp8" in schemes:
                 raise InputError("fp8 needs --target tensorrt: FP8 GEMMs are TensorRT's (Ada, Hopper, Blackwell); "
                                  "ONNX Runtime's CPU kernels have none (its FP8 Q/DQ would run as float math)")
+            if "nvfp4" in schemes:
+                raise InputError("nvfp4 needs --target tensorrt: NVFP4 GEMMs are TensorRT's on Blackwell; ONNX Runtime "
+                                 "has no FP4 kernels (quadit measures its accuracy through an emulation)")
             return
         if self.attention_int8 != "none":
             raise InputError(f"attention_int8 '{self.attention_int8}' runs as ONNX Runtime's DynamicQuantizeLinear + "
@@ -181,7 +194,7 @@ class Recipe:
              dict(r.overrides).get("block_size", self.block_size))
             for r in self.rules if r.action == "override"]
         for where, scheme, activations, block in layers:
-            if WEIGHT_BITS[scheme] == 4 and block not in TRT_INT4_BLOCKS:
+            if WEIGHT_BITS[scheme] == 4 and scheme not in FLOAT_SCHEMES and block not in TRT_INT4_BLOCKS:
                 raise InputError(f"{where}: TensorRT's INT4 weight-only GEMM takes block sizes "
                                  f"{' or '.join(map(str, TRT_INT4_BLOCKS))}, got {block}; use --block-size 64 or 128")
             if scheme == "w4a8":
@@ -190,6 +203,9 @@ class Recipe:
             if activations == "dynamic" and scheme == "fp8":
                 raise InputError(f"{where}: fp8 takes static per-tensor activation scales (calibrated per timestep "
                                  "bucket); use --activations static")
+            if activations == "dynamic" and scheme == "nvfp4":
+                raise InputError(f"{where}: nvfp4 quantizes activations per block of 16 at run time under a calibrated "
+                                 "(static) global scale; use --activations static")
             if activations == "dynamic" and scheme != "w4a16":
                 raise InputError(f"{where}: dynamic INT8 activation quantization is not supported by TensorRT "
                                  "(its dynamic quantization is FP8/FP4 only); use --activations static or "

@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from exporter.passes.recipe import TRT_INT4_BLOCKS
+from exporter.tensorrt import fp4_rules
 
 UNSUPPORTED = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv",
                "MatMulIntegerToFloat", "MatMulNBits")
@@ -55,11 +56,13 @@ def check_graph(model: onnx.ModelProto, block_sizes: tuple[int, ...] = TRT_INT4_
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     quantized_tensors: dict[str, str] = {}
     for n in g.node:
+        if n.domain == "trt" and n.op_type == fp4_rules.QUANTIZER:
+            continue  # TensorRT's NVFP4 quantizer: exporter/tensorrt/fp4_rules.py
         if n.domain not in ("", "ai.onnx") or n.op_type in UNSUPPORTED:
             bad.append(Violation("unsupported op", n.name, f"{n.domain or 'ai.onnx'}::{n.op_type} cannot be parsed by "
                                  "TensorRT (no QLinear*/*Integer/DynamicQuantizeLinear/contrib ops)"))
             continue
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not fp4_rules.is_fp4_dq(n, inits, producers):
             bad.extend(_check_qdq(n, inits, opset, block_sizes))
         if n.op_type == "QuantizeLinear":
             if n.input[0] in quantized_tensors:
@@ -90,6 +93,7 @@ def check_graph(model: onnx.ModelProto, block_sizes: tuple[int, ...] = TRT_INT4_
     from exporter.tensorrt.residual_rules import residual_adds
 
     bad.extend(Violation("residual Q/DQ", name, why) for name, why in residual_adds(model)[1])
+    bad.extend(Violation(*v) for v in fp4_rules.check_fp4(model))
     for out in g.output:
         p = producers.get(out.name)
         if p is not None and p.op_type in ("QuantizeLinear", "DequantizeLinear"):

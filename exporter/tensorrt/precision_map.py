@@ -31,12 +31,15 @@ import onnx
 from onnx import TensorProto, helper
 
 from exporter.onnx import graph_edit
+from exporter.tensorrt import fp4_rules
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "Softmax", "LayerNormalization")
 _FLOAT_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16"}
 _BYTES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.INT8: 1,
           TensorProto.UINT8: 1, TensorProto.INT64: 8, TensorProto.INT32: 4, TensorProto.BOOL: 1,
-          TensorProto.INT4: 0.5, TensorProto.UINT4: 0.5, TensorProto.FLOAT8E4M3FN: 1}
+          TensorProto.INT4: 0.5, TensorProto.UINT4: 0.5, TensorProto.FLOAT8E4M3FN: 1,
+          # NVFP4: 4 bits plus one E4M3 block scale per 16 values
+          TensorProto.FLOAT4E2M1: 0.5625}
 # ops between the two attention MatMuls that TensorRT's MHA fusion accepts (scale, mask, softmax)
 _ATTENTION_INNER = ("Mul", "Div", "Add", "Softmax")
 
@@ -112,6 +115,7 @@ def _light_copy(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.ModelProto
     light.ir_version = model.ir_version
     lg = light.graph
     lg.node.extend(g.node)
+    fp4_rules.inference_stand_in(light)
     lg.output.extend(g.output)
     for inp in g.input:
         v = lg.input.add()
@@ -172,6 +176,9 @@ class _Graph:
         if name in self.inits:
             return "const", None, self.inits[name].data_type
         node = self.producers.get(name)
+        fp4 = self._fp4_dq(node)
+        if fp4 is not None:  # NVFP4's DQ -> (Transpose) -> Cast FP16 fuses into the FP4 GEMM (fp4_rules.py)
+            return ("weight-dq" if fp4.input[0] in self.inits else "act-dq"), fp4, TensorProto.FLOAT4E2M1
         while node is not None and node.op_type in ("Transpose", "Reshape", "Identity"):
             if node.input[0] in self.inits:
                 return "const", None, self.inits[node.input[0]].data_type
@@ -185,6 +192,16 @@ class _Graph:
                 return "weight-dq", node, self.inits[x].data_type
             return "act-dq", node, self.info.get(x, (TensorProto.INT8, []))[0]
         return "act", node, self.ftype(name)
+
+    def _fp4_dq(self, node: onnx.NodeProto | None) -> onnx.NodeProto | None:
+        """The FP4 DequantizeLinear behind a chain of Cast/Transpose/Reshape, if the chain ends in one."""
+        while node is not None and node.op_type in ("Cast", "Transpose", "Reshape", "Identity"):
+            node = self.producers.get(node.input[0])
+        return node if node is not None and fp4_rules.is_fp4_dq(node, self.inits, self.producers) else None
+
+    def fp4_chain(self, node: onnx.NodeProto) -> bool:
+        """A Cast/Transpose between an FP4 DQ and its GEMM: part of the GEMM's input, moving no data of its own."""
+        return node.op_type in ("Cast", "Transpose") and self._fp4_dq(node) is not None
 
     def ftype(self, name: str) -> int:
         return self.info.get(name, (0, []))[0]
@@ -216,14 +233,16 @@ def _matmul(g: _Graph, n: onnx.NodeProto) -> Layer:
     weight_side = [(kind, node, t, name) for kind, node, t, name in ((ka, na, ta, n.input[0]), (kb, nb, tb, n.input[1]))
                    if kind in ("const", "weight-dq")]
     act_side = [(kind, t) for kind, _, t, _ in ((ka, na, ta, None), (kb, nb, tb, None)) if kind in ("act", "act-dq")]
-    in_bytes = sum(g.nbytes(i, TensorProto.INT8 if kind == "act-dq" else None)
-                   for i, kind in zip(n.input[:2], (ka, kb)) if kind in ("act", "act-dq")) + g.nbytes(out)
+    in_bytes = sum(g.nbytes(i, (t if t == TensorProto.FLOAT4E2M1 else TensorProto.INT8) if kind == "act-dq" else None)
+                   for i, kind, t in zip(n.input[:2], (ka, kb), (ta, tb)) if kind in ("act", "act-dq")) + g.nbytes(out)
     if weight_side:
         kind_w, dq, t_w, name_w = weight_side[0]
         w_store = dq.input[0] if dq is not None else name_w
         w_bytes = g.nbytes(w_store)
         act_quantized = any(kind == "act-dq" for kind, _ in act_side)
-        if kind_w == "weight-dq" and t_w in (TensorProto.INT4, TensorProto.UINT4):
+        if kind_w == "weight-dq" and t_w == TensorProto.FLOAT4E2M1 and act_quantized:
+            precision, quantized = f"NVFP4 ({compute} out)", True
+        elif kind_w == "weight-dq" and t_w in (TensorProto.INT4, TensorProto.UINT4):
             precision, quantized = f"INT4 (weight-only, {compute} compute)", True
         elif kind_w == "weight-dq" and act_quantized:
             kind = "FP8" if t_w == TensorProto.FLOAT8E4M3FN else "INT8"
@@ -344,7 +363,7 @@ def _pointwise_bytes(g: _Graph, model: onnx.ModelProto) -> float:
     elementwise/data-movement ops (QuantizeLinear included, so a pre-scale Mul fuses into the quantizer) form one
     kernel that reads its outside inputs once and writes the tensors used outside it once."""
     pointwise = [n for n in model.graph.node if n.op_type not in COMPUTE_OPS and n.op_type not in _FREE
-                 and not _inside_core(g, n)]
+                 and not _inside_core(g, n) and not g.fp4_chain(n)]
     index = {id(n): i for i, n in enumerate(pointwise)}
     parent = list(range(len(pointwise)))
 

@@ -25,7 +25,11 @@ these are half of those):
   1008 GB/s. NVIDIA Ada GPU architecture whitepaper, appendix table.
 - FP8 (E4M3, dense): H100 / H200 1978.9 TFLOPS, L40S 733 TFLOPS (data sheets as above).
 - B200 (Blackwell, one GPU of an HGX B200): FP16 2.25 PFLOPS, FP8 4.5 PFLOPS, INT8 4.5 POPS, TF32 1.1
-  PFLOPS, 8 TB/s HBM3e; NVIDIA HGX B200 datasheet, whose tensor figures are sparse (halved here).
+  PFLOPS, 8 TB/s HBM3e, FP4 9 PFLOPS; NVIDIA HGX B200 datasheet, whose tensor figures are sparse (halved here).
+- NVFP4 (E2M1 in 16-blocks, `--scheme nvfp4`): Blackwell only; the other GPUs here have no FP4 tensor cores, so
+  their nvfp4 rows say "not supported" instead of a figure. An NVFP4 GEMM reads 0.5625 bytes per weight and per
+  activation element (4 bits plus an E4M3 scale per 16); its activation quantizer is costed as an elementwise
+  kernel reading the FP16 activation (TensorRT's DynamicQuantize layer).
 INT4 weight-only GEMMs compute in FP16 (weights are expanded in the kernel), so they gain bandwidth, not
 math: at 1024 latents and CFG batch 2 the DiT's GEMMs are compute bound, and the model says so.
 Convolutions (the UNet family) are costed like GEMMs: an INT8 Conv (INT8 input and weight DQs) at the INT8 peak,
@@ -51,6 +55,7 @@ class Gpu:
     bandwidth_tbs: float
     source: str
     fp8_tflops: float = 0.0  # 0: the GPU has no FP8 tensor cores
+    fp4_tflops: float = 0.0  # 0: no FP4 tensor cores (before Blackwell)
 
 
     def peak(self, precision: str) -> float:
@@ -61,6 +66,10 @@ class Gpu:
             if not self.fp8_tflops:
                 raise ValueError(f"{self.name} has no FP8 tensor cores")
             return self.fp8_tflops * 1e12
+        if precision.startswith("NVFP4"):
+            if not self.fp4_tflops:
+                raise ValueError(f"{self.name} has no FP4 tensor cores (NVFP4 GEMMs need Blackwell)")
+            return self.fp4_tflops * 1e12
         if precision.startswith("FP32"):
             return self.tf32_tflops * 1e12
         return self.fp16_tflops * 1e12  # FP16, BF16 and INT4 weight-only (FP16 compute)
@@ -73,7 +82,7 @@ GPUS = {
     "RTX 4090": Gpu("RTX 4090", 165.2, 660.6, 82.6, 1.008,
                     "NVIDIA Ada GPU architecture whitepaper (dense, FP32 accumulate)", 330.3),
     "B200": Gpu("B200", 2250.0, 4500.0, 1100.0, 8.0, "NVIDIA HGX B200 datasheet (per GPU; dense = half of sparse)",
-                4500.0),
+                4500.0, 9000.0),
 }
 # published TensorRT speedups of quantized over FP16 engines, to hold the model against
 PUBLISHED = [
@@ -130,10 +139,16 @@ def predict_all(pmaps: dict[str, PrecisionMap], gpus: tuple[str, ...] = tuple(GP
     table: dict[str, Any] = {}
     for key in gpus:
         gpu = GPUS[key]
-        rows = {name: predict(pmap, gpu) for name, pmap in pmaps.items()}
-        if baseline in rows:
+        rows = {}
+        for name, pmap in pmaps.items():
+            try:
+                rows[name] = predict(pmap, gpu)
+            except ValueError as exc:   # a precision this GPU has no tensor cores for
+                rows[name] = {"unsupported": str(exc)}
+        if baseline in rows and "total_ms" in rows[baseline]:
             for row in rows.values():
-                row["speedup_vs_fp16"] = rows[baseline]["total_ms"] / row["total_ms"]
+                if "total_ms" in row:
+                    row["speedup_vs_fp16"] = rows[baseline]["total_ms"] / row["total_ms"]
         table[key] = rows
     return {"kind": "PREDICTION (roofline from the precision map; not a measurement)", "gpus": table,
             "assumptions": {"compute_efficiency": COMPUTE_EFFICIENCY, "memory_efficiency": MEMORY_EFFICIENCY,
@@ -150,9 +165,10 @@ def markdown(prediction: dict[str, Any], latents: int, batch: int, what: str | N
     rows = [f"PREDICTION (roofline, not measured): {what}, CFG batch {batch}", "", head,
             "|" + "---|" * (1 + 2 * len(candidates) - 1)]
     for gpu, cands in prediction["gpus"].items():
-        rows.append(f"| {GPUS[gpu].name} | " + " | ".join(_ms(cands[c]["total_ms"]) for c in candidates) + " | " +
-                    " | ".join(f"{cands[c].get('speedup_vs_fp16', float('nan')):.2f}x" for c in candidates if c != "fp16")
-                    + " |")
+        rows.append(f"| {GPUS[gpu].name} | " + " | ".join(_ms(cands[c]["total_ms"]) if "total_ms" in cands[c]
+                                                        else "n/a" for c in candidates) + " | " +
+                    " | ".join(f"{cands[c]['speedup_vs_fp16']:.2f}x" if "speedup_vs_fp16" in cands[c]
+                               else "not supported" for c in candidates if c != "fp16") + " |")
     return "\n".join(rows)
 
 
