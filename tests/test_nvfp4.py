@@ -176,3 +176,19 @@ def test_nvfp4_runs_emulated_and_the_branch_and_fallback_pay(nvfp4_graphs):
     fallback = [r for r in nvfp4_graphs["nvfp4-fallback"][2].values() if r.get("nvfp4_fallback", {}).get("int4_fallback")]
     assert fallback and all(r["scheme"] == "w4a16" for r in fallback)
     assert mean["nvfp4-fallback"] > mean["nvfp4"], mean
+
+
+def test_speed_model_costs_nvfp4_on_blackwell_only(nvfp4_graphs):
+    from exporter.tensorrt.precision_map import precision_map
+    from exporter.tensorrt.speed_model import GPUS, markdown, predict_all
+
+    maps = {k: precision_map(nvfp4_graphs[k][1], latents=1024) for k in ("fp16", "nvfp4", "nvfp4-r32")}
+    prediction = predict_all(maps)
+    out = prediction["gpus"]
+    assert GPUS["B200"].fp4_tflops == 2 * GPUS["B200"].fp8_tflops
+    assert out["B200"]["nvfp4"]["speedup_vs_fp16"] > 1.0
+    # the branch's two FP16 GEMMs cost time: rank 32 is slower than plain NVFP4, still faster than FP16
+    assert out["B200"]["nvfp4"]["total_ms"] < out["B200"]["nvfp4-r32"]["total_ms"] < out["B200"]["fp16"]["total_ms"]
+    for gpu in ("H100", "H200", "L40S", "RTX 4090"):
+        assert "FP4" in out[gpu]["nvfp4"]["unsupported"] and "total_ms" not in out[gpu]["nvfp4"]
+    assert "not supported" in markdown(prediction, 1024, 2)
