@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from exporter.models.cli_args import unet_requested
+
+    if unet_requested(args):  # AudioLDM / TANGO / Make-An-Audio: engines/calibrate/unet_artifact.py
+        from engines.calibrate.unet_artifact import calibrate_command
+
+        return calibrate_command(args)
 
     import dataclasses
 

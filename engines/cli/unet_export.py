@@ -13,8 +13,7 @@ from pathlib import Path
 log = logging.getLogger("export")
 UNET_SCHEMES = ("fp32", "w8a8", "w4a16", "w4a8")
 # DiT-only options: refused for a UNet model rather than silently ignored
-_DIT_ONLY = {"activations": "static", "bucket_policy": "per-bucket-scale", "recipe": None, "calibration": None,
-             "t5": None}
+_DIT_ONLY = {"activations": "static", "bucket_policy": "per-bucket-scale", "recipe": None, "t5": None}
 
 
 def _refuse_dit_options(args: argparse.Namespace) -> None:
@@ -63,10 +62,18 @@ def export_unet(args: argparse.Namespace) -> int:
                                  calib_seconds=args.calib_seconds, report_seconds=args.report_seconds,
                                  **_lowbit_options(args))
     model = load_unet_model(unet_model_name(args), args.checkpoint, args.synthetic_weights, args.seed)
+    artifact = None
+    if getattr(args, "calibration", None):  # a `quadit calibrate` artifact (engines/calibrate/unet_artifact.py)
+        from engines.calibrate.unet_artifact import read_unet_artifact
+        from exporter.errors import InputError
+
+        if quant is None:
+            raise InputError("--calibration is for a quantized --scheme; an fp32 export calibrates nothing")
+        artifact = read_unet_artifact(Path(args.calibration), model)
     if quant is not None:
         from engines.evaluation.unet_report import unet_quant_stages
 
-        stages = unet_quant_stages(model, quant, ort_baseline=True, modelopt=not args.no_modelopt)
+        stages = unet_quant_stages(model, quant, ort_baseline=True, modelopt=not args.no_modelopt, artifact=artifact)
     manifest = export_unet_model(model, Path(args.out), options, stages)
     out = Path(args.out).resolve()
     for name, graph in manifest["graphs"].items():

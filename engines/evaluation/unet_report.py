@@ -189,15 +189,19 @@ def markdown(rows: Sequence[dict[str, Any]], context: dict[str, Any]) -> str:
 
 
 def unet_quant_stages(model: Any, options: UNetQuantOptions, ort_baseline: bool = True,
-                      modelopt: bool = True) -> list[Stage]:
-    """The stage that quantizes `unet.onnx` and writes report.json / report.md (see the module docstring)."""
+                      modelopt: bool = True, artifact: tuple[Any, list[str], dict[str, Any]] | None = None) -> list[Stage]:
+    """The stage that quantizes `unet.onnx` and writes report.json / report.md (see the module docstring);
+    `artifact` (`engines.calibrate.unet_artifact.read_unet_artifact`) replaces calibrating here."""
     dims = model.dims()
     seconds = {k: float(v if v is not None else dims["default_seconds"])
                for k, v in (("calib", options.calib_seconds), ("report", options.report_seconds))}
     for value in seconds.values():
         check_seconds(dims, value)
+    if artifact is not None and (options.weight_rounding == "gptq" or options.auto_precision) and not artifact[0].xtx:
+        raise InputError("the calibration artifact has no second moments (GPTQ rounding and --auto-precision need "
+                         "them): re-run quadit calibrate without --no-second-moments")
     try:
-        calib_prompts = select_prompts("seed", options.calib_prompts)
+        calib_prompts = artifact[1] if artifact is not None else select_prompts("seed", options.calib_prompts)
         report_prompts = (heldout_prompts(calib_prompts, options.report_prompts, HELDOUT_SEED)
                           if options.report_prompts else [])
     except ValueError as exc:
@@ -208,8 +212,8 @@ def unet_quant_stages(model: Any, options: UNetQuantOptions, ort_baseline: bool 
         settings = UNetCalibrationSettings(steps=options.calib_steps, buckets=min(options.calib_buckets,
                                                                                   options.calib_steps),
                                            seconds=seconds["calib"])
-        calibration = calibrate_unet(model, calib_prompts, settings,
-                                     second_moments=options.weight_rounding == "gptq" or options.auto_precision)
+        calibration = artifact[0] if artifact is not None else calibrate_unet(
+            model, calib_prompts, settings, second_moments=options.weight_rounding == "gptq" or options.auto_precision)
         with tempfile.TemporaryDirectory(prefix="quadit-unetq-") as scratch_dir:
             scratch = Path(scratch_dir)
             fp32 = scratch / "unet.fp32.onnx"
