@@ -42,7 +42,7 @@ from tqdm import tqdm
 from exporter.errors import InputError
 from exporter.onnx import graph_edit
 from exporter.onnx.linear_nodes import LinearSite
-from exporter.passes import names, nvfp4, nvfp4_nodes, qdq
+from exporter.passes import names, nvfp4, nvfp4_nodes, ort_kernels, qdq
 from exporter.passes.gptq import WeightQuant, quantize_weight
 from exporter.passes.lowrank import branch_weight_error, svd_split
 from exporter.passes.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS, WEIGHT_BITS, Recipe, int4_block
@@ -291,41 +291,6 @@ def _weight_dq(model: onnx.ModelProto, layer: str, w_kn: np.ndarray, bits: int, 
     return names.weight_dq(layer), scale
 
 
-def _nbits(model: onnx.ModelProto, layer: str, x: str, w_kn: np.ndarray, bits: int, block: int, out: str,
-           how: WeightQuant = WeightQuant(), hessian: np.ndarray | None = None) -> np.ndarray:
-    codes, scale = qdq.matmulnbits_pack(*quantize_weight(w_kn, bits, block, np.float32, how, hessian), bits)
-    k, n = w_kn.shape
-    model.graph.initializer.extend([numpy_helper.from_array(codes, names.weight_q(layer)),
-                                    qdq.constant(scale, names.weight_scale(layer))])
-    model.graph.node.append(helper.make_node(
-        "MatMulNBits", [x, names.weight_q(layer), names.weight_scale(layer)], [out], domain="com.microsoft",
-        K=k, N=n, bits=bits, block_size=block, accuracy_level=4, name=names.node(layer, "matmulnbits")))
-    graph_edit.ensure_opset(model, "com.microsoft", 1)
-    return scale
-
-
-def _dql(model: onnx.ModelProto, tensor: str) -> tuple[str, str, str]:
-    """One DynamicQuantizeLinear per activation tensor (uint8, asymmetric, per tensor per call)."""
-    outs = [names.act(tensor, p) for p in ("dyn_q", "dyn_scale", "dyn_zero_point")]
-    if not any(n.output and n.output[0] == outs[0] for n in model.graph.node):
-        model.graph.node.append(helper.make_node("DynamicQuantizeLinear", [tensor], outs, name=names.node(tensor, "dql")))
-    return outs[0], outs[1], outs[2]
-
-
-def _matmulinteger(model: onnx.ModelProto, layer: str, xq: tuple[str, str, str], w_kn: np.ndarray, out: str,
-                   how: WeightQuant = WeightQuant(), hessian: np.ndarray | None = None) -> np.ndarray:
-    q, scale = quantize_weight(w_kn, 8, None, np.float32, how, hessian)
-    g = model.graph
-    g.initializer.extend([numpy_helper.from_array(q, names.weight_q(layer)), qdq.constant(scale, names.weight_scale(layer))])
-    mo = lambda p: names.matmul_out(layer, p)  # noqa: E731
-    g.node.extend([
-        helper.make_node("MatMulInteger", [xq[0], names.weight_q(layer), xq[2]], [mo("int32")], name=names.node(layer, "mmi")),
-        helper.make_node("Cast", [mo("int32")], [mo("float")], to=TensorProto.FLOAT, name=names.node(layer, "mmi_cast")),
-        helper.make_node("Mul", [xq[1], names.weight_scale(layer)], [mo("scale")], name=names.node(layer, "mmi_scale")),
-        helper.make_node("Mul", [mo("float"), mo("scale")], [out], name=names.node(layer, "mmi_rescale"))])
-    return scale
-
-
 def _lowrank_branch(model: onnx.ModelProto, layer: str, x: str, l1: np.ndarray, l2: np.ndarray,
                     dtype: type = np.float32) -> str:
     """FP16 MatMuls x L1 L2. In an FP32 graph: x -> Cast FP16 -> MatMul L1 -> MatMul L2 -> Cast FP32, since a
@@ -505,11 +470,12 @@ def quantize_dit(model: onnx.ModelProto, sites: Mapping[str, LinearSite], stats:
                 raise InputError(f"layer {layer}: {scheme} {activations} runs as ONNX Runtime kernels on the FP32 "
                                  "graph; quantize the FP32 graph for it (--target onnxruntime)")
             if scheme == "w4a8" or (dynamic and dynamic_kernel == "nbits"):
-                scale = _nbits(model, layer, x_q, w_kn, bits, block, raw, how, hessian)
+                scale = ort_kernels.matmul_nbits(model, layer, x_q, w_kn, bits, block, raw, how, hessian)
                 kernel = f"MatMulNBits(bits={bits}, accuracy_level=4)"
                 model.graph.node.remove(node)
             elif dynamic:
-                scale = _matmulinteger(model, layer, _dql(model, tensor), w_kn, raw, how, hessian)
+                scale = ort_kernels.matmul_integer(model, layer, ort_kernels.dynamic_quantize(model, tensor), w_kn, raw, how,
+                                                   hessian)
                 kernel = "DynamicQuantizeLinear+MatMulInteger"
                 model.graph.node.remove(node)
             else:
