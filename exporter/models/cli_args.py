@@ -9,13 +9,15 @@ from exporter.models.loader import ModelSpec
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="preset: sao-mini (default), stable-audio-open or stable-audio-open-small (DiT family); "
-                             "audioldm-mini, tango-mini (UNet family, --synthetic-weights) or audioldm (cvssp/"
+                             "audioldm-mini, tango-mini, make-an-audio-mini (UNet family, --synthetic-weights) or audioldm (cvssp/"
                              "audioldm-s-full-v2 from the HF cache); with --model-config, the model's name in "
                              "manifests (default 'custom')")
     parser.add_argument("--model-config", help="a stable-audio-tools model_config.json of the SAO family")
     parser.add_argument("--checkpoint", help="model.safetensors / model.ckpt (model_config.json beside it), a "
                                              "snapshot directory, a diffusers StableAudioPipeline directory, or "
-                                             "a diffusers AudioLDMPipeline / TangoPipeline directory (UNet family); "
+                                             "a diffusers AudioLDMPipeline / TangoPipeline directory (UNet family), "
+                                             "a Make-An-Audio .ckpt/.safetensors (model.diffusion_model.* keys; "
+                                             "with --model make-an-audio-mini); "
                                              "default: the Hugging Face cache, offline")
     parser.add_argument("--t5", help="directory of a saved T5 encoder + tokenizer (default: HF cache, offline)")
     parser.add_argument("--synthetic-weights", action="store_true",
