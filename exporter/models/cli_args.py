@@ -9,8 +9,8 @@ from exporter.models.loader import ModelSpec
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="preset: sao-mini (default), stable-audio-open or stable-audio-open-small (DiT family); "
-                             "audioldm-mini, tango-mini, make-an-audio-mini (UNet family, --synthetic-weights) or audioldm (cvssp/"
-                             "audioldm-s-full-v2 from the HF cache); with --model-config, the model's name in "
+                             "audioldm-mini, tango-mini, make-an-audio-mini (UNet family, --synthetic-weights) or "
+                             "audioldm (cvssp/audioldm-s-full-v2 from the HF cache); with --model-config, the model's name in "
                              "manifests (default 'custom')")
     parser.add_argument("--model-config", help="a stable-audio-tools model_config.json of the SAO family")
     parser.add_argument("--checkpoint", help="model.safetensors / model.ckpt (model_config.json beside it), a "
