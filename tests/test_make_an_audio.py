@@ -109,6 +109,7 @@ def test_checkpoint_export_unet_reproduces_diffusers_forward(maa):
     assert float(np.abs(text[0] - hidden).max()) <= 1e-4 and np.all(text[1] == 1.0)
 
 
+@pytest.mark.slow  # two generate processes; the default suite keeps the export's parity
 def test_checkpoint_generate_backends_agree(maa, tmp_path):
     _, _, out, _ = maa
     wavs = {}

@@ -59,6 +59,7 @@ def test_artifact_round_trips_the_statistics_object(tmp_path):
         read_unet_artifact(tmp_path, model)
 
 
+@pytest.mark.slow  # a w8a8 export and a check (about 2 min of one core)
 def test_export_quantizes_from_the_artifact_and_check_passes(unet_artifact, tmp_path):
     calib, summary = unet_artifact
     out = tmp_path / "w8a8"

@@ -17,7 +17,8 @@ GROWTH_BOUND = 3.0          # the requirement; measured 3.59x .. 4.94x
 CONV_OUTLIER_SHARE = 0.5    # measured 0.62 .. 0.64
 
 
-@pytest.mark.parametrize("preset", ["audioldm-mini", "tango-mini", "make-an-audio-mini"])
+@pytest.mark.parametrize("preset", ["audioldm-mini", pytest.param("tango-mini", marks=pytest.mark.slow),
+                                    pytest.param("make-an-audio-mini", marks=pytest.mark.slow)])
 def test_block_inputs_grow_over_the_trajectory_and_convs_have_outlier_channels(preset):
     import torch
 
