@@ -176,3 +176,41 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+# A machine TensorRT engines are checked against in the build tests (no TensorRT here)
+FAKE_MACHINE = ("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+class FakeBuilder:
+    """Stands in for Polygraphy's EngineBytesFromNetwork: records what it was given, returns plan bytes
+    (`fail_on`: a graph file name whose build raises the parser error TensorRT would)."""
+
+    calls: list = []
+    fail_on: str | None = None
+
+    def __init__(self, network, config=None, save_timing_cache=None) -> None:
+        self.network, self.config, self.save_timing_cache = network, config, save_timing_cache
+
+    def __call__(self) -> bytes:
+        from polygraphy.exception import PolygraphyException
+
+        FakeBuilder.calls.append(self)
+        if self.fail_on and self.network.path.endswith(self.fail_on):
+            raise PolygraphyException("In node 3 (parseGraph): INVALID_NODE: unsupported op\nmore detail")
+        return b"plan:" + Path(self.network.path).name.encode()
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """build_engines' own code path with Polygraphy's builder and the machine facts replaced (no TensorRT)."""
+    import polygraphy.backend.trt as pg_trt
+
+    import engines.runtime.tensorrt as module
+
+    monkeypatch.setattr(pg_trt, "EngineBytesFromNetwork", FakeBuilder)
+    monkeypatch.setattr(module, "tensorrt_unavailable", lambda: None)
+    monkeypatch.setattr(module, "current_machine", lambda: module.MachineFacts(*FAKE_MACHINE))
+    FakeBuilder.calls, FakeBuilder.fail_on = [], None
+    return FakeBuilder
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line_error, run_script
+from conftest import FAKE_MACHINE, one_line_error, run_script
 
 from engines.runtime.tensorrt import (
     ENGINES_JSON,
@@ -31,7 +31,7 @@ from engines.runtime.tensorrt import (
 from exporter.errors import InputError
 
 HAS_TRT_GPU = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
-MACHINE = MachineFacts("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+MACHINE = MachineFacts(*FAKE_MACHINE)
 DIMS = {"io_channels": 64, "cond_dim": 256, "cond_tokens": 66, "global_dim": 512, "sample_rate": 44100,
         "downsampling_ratio": 2048}
 
@@ -264,38 +264,6 @@ def test_engine_metadata_mismatch_is_refused(tmp_path, change, match):
     assert "\n" not in str(info.value)
     with pytest.raises(InputError, match="engines directory"):
         check_engine_metadata(tmp_path / "nowhere" / ENGINES_JSON, export, MACHINE)
-
-
-class _FakeBuilder:
-    """Stands in for Polygraphy's EngineBytesFromNetwork: records what it was given, returns plan bytes."""
-
-    calls: list = []
-    fail_on: str | None = None
-
-    def __init__(self, network, config=None, save_timing_cache=None) -> None:
-        self.network, self.config, self.save_timing_cache = network, config, save_timing_cache
-
-    def __call__(self) -> bytes:
-        from polygraphy.exception import PolygraphyException
-
-        _FakeBuilder.calls.append(self)
-        if self.fail_on and self.network.path.endswith(self.fail_on):
-            raise PolygraphyException("In node 3 (parseGraph): INVALID_NODE: unsupported op\nmore detail")
-        return b"plan:" + Path(self.network.path).name.encode()
-
-
-@pytest.fixture
-def fake_trt(monkeypatch):
-    """build_engines' own code path with Polygraphy's builder and the machine facts replaced (no TensorRT)."""
-    import polygraphy.backend.trt as pg_trt
-
-    import engines.runtime.tensorrt as module
-
-    monkeypatch.setattr(pg_trt, "EngineBytesFromNetwork", _FakeBuilder)
-    monkeypatch.setattr(module, "tensorrt_unavailable", lambda: None)
-    monkeypatch.setattr(module, "current_machine", lambda: MACHINE)
-    _FakeBuilder.calls, _FakeBuilder.fail_on = [], None
-    return _FakeBuilder
 
 
 def test_build_engines_drives_polygraphy_and_writes_checkable_metadata(mini_export, tmp_path, fake_trt):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import one_line_error, run_script
+from conftest import FAKE_MACHINE, one_line_error, run_script
 from onnx import numpy_helper
 
 from engines.runtime.tensorrt import (
@@ -40,7 +40,7 @@ from exporter.onnx.unet_graphs import unet_inputs
 pytestmark = pytest.mark.filterwarnings("ignore")
 HAS_TRT_GPU = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-MACHINE = MachineFacts("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+MACHINE = MachineFacts(*FAKE_MACHINE)
 # the manifest dims of both mini presets (exporter.models.unet_audio.UNetAudioModel.dims; the export's manifest is
 # checked against them below): 10 ms hop, VAE x4, 64 mel bins, UNet frames a multiple of 4, 5.12 s default, 20.48 max
 MINI_DIMS = {"latent_channels": 8, "vae_scale": 4, "mel_bins": 64, "sample_rate": 16000, "hop_seconds": 0.01,
@@ -157,32 +157,6 @@ def test_unet_build_script_without_tensorrt_prints_commands_exits_2_and_writes_n
         assert strongly_typed and profiles == graph_profiles(manifest, graph, settings)
     assert "sample:[2,8,252,16]" in commands[1] and "sample:[1,8,28,16]" in commands[1]  # 10 s max -> 252 frames
     assert not out.exists() and not list(tmp_path.glob(".engines*"))
-
-
-class _FakeBuilder:
-    """Polygraphy's EngineBytesFromNetwork, faked: records its network and config, returns plan bytes."""
-
-    calls: list = []
-
-    def __init__(self, network, config=None, save_timing_cache=None) -> None:
-        self.network, self.config = network, config
-
-    def __call__(self) -> bytes:
-        _FakeBuilder.calls.append(self)
-        return b"plan:" + Path(self.network.path).name.encode()
-
-
-@pytest.fixture
-def fake_trt(monkeypatch):
-    import polygraphy.backend.trt as pg_trt
-
-    import engines.runtime.tensorrt as module
-
-    monkeypatch.setattr(pg_trt, "EngineBytesFromNetwork", _FakeBuilder)
-    monkeypatch.setattr(module, "tensorrt_unavailable", lambda: None)
-    monkeypatch.setattr(module, "current_machine", lambda: MACHINE)
-    _FakeBuilder.calls = []
-    return _FakeBuilder
 
 
 def test_unet_build_engines_drives_polygraphy_and_writes_checkable_metadata(unet_trt, tmp_path, fake_trt):
