@@ -88,11 +88,17 @@ def dequantize(codes: np.ndarray, sf8: np.ndarray, g: float) -> np.ndarray:
 
 
 def fake_quantize(x: np.ndarray, g: float | None = None) -> np.ndarray:
-    """Q then DQ along the last axis (float64); `g` None: the tensor's own amax (weights, or the search's
-    stand-in for an activation's calibrated global scale)."""
-    x = np.asarray(x, np.float64)
-    g = global_scale(float(np.abs(x).max())) if g is None else g
-    return dequantize(*quantize(x, g), g)
+    """Q then DQ along the last axis, `dequantize(*quantize(x, g), g)` without the codes (float32: the searches
+    call it on every calibration row); `g` None: the tensor's own amax (weights)."""
+    import ml_dtypes
+
+    x = np.asarray(x, np.float32)
+    g = global_scale(float(np.abs(x).max())) if g is None else np.float32(g)
+    blocks = _blocks(x)
+    raw = np.abs(blocks).max(axis=-1) / (np.float32(FP4_MAX) * g)
+    step = (to_fp8(np.clip(raw, SCALE_MIN, FP8_MAX)).astype(np.float32) * g)[..., None]
+    q = np.clip(blocks / step, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    return (q * step).reshape(x.shape)
 
 
 def fake_quantize_weight_kn(w_kn: np.ndarray) -> np.ndarray:

@@ -52,16 +52,19 @@ def decide(rows: np.ndarray, ranges: np.ndarray, weights_kn: Sequence[np.ndarray
     w_fp4 = branch + nvfp4.fake_quantize_weight_kn(residual)
     w_int4 = branch + fake_quantize_weight(residual, 4, int4_block) if int4_block else None
     signal = err_fp4 = err_int4 = 0.0
+    # float32 products: the errors compared are 1e-1..1e-3 of the signal, far above FP32 rounding
+    w32, res32, branch32 = w.astype(np.float32), (w_fp4 - branch).astype(np.float32), branch.astype(np.float32)
+    int4_32 = w_int4.astype(np.float32) if w_int4 is not None else None
     for k in range(rows.shape[0]):
-        x = np.asarray(rows[k], np.float64)
-        ref = x @ w
-        signal += float(np.square(ref).sum())
+        x = np.asarray(rows[k], np.float32)
+        ref = x @ w32
+        signal += float(np.square(ref, dtype=np.float64).sum())
         x_fp4 = nvfp4.fake_quantize(x, nvfp4.global_scale(float(ranges[k])))
         # the branch reads the unquantized activation; the residual GEMM the FP4 one
-        out = x_fp4 @ (w_fp4 - branch) + x @ branch
-        err_fp4 += float(np.square(ref - out).sum())
-        if w_int4 is not None:
-            err_int4 += float(np.square(ref - x @ w_int4).sum())
+        out = x_fp4 @ res32 + x @ branch32
+        err_fp4 += float(np.square(ref - out, dtype=np.float64).sum())
+        if int4_32 is not None:
+            err_int4 += float(np.square(ref - x @ int4_32, dtype=np.float64).sum())
     db = lambda err: float(10 * np.log10(max(signal, 1e-300) / max(err, 1e-300)))  # noqa: E731
     fp4_db = db(err_fp4)
     int4_db = db(err_int4) if w_int4 is not None else float("-inf")
