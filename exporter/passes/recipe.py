@@ -54,7 +54,7 @@ OVERRIDABLE = ("scheme", "alpha", "lowrank", "block_size", "activations")
 # trajectories, unless the recipe sets its own: what `scripts/check.py` enforces. Set from the sao-mini
 # synthetic model's measured figures with a few dB of margin (docs/figures.md).
 DEFAULT_CHECK = {"w8a8": (15.0, 0.98), "w4a16": (6.0, 0.85), "w4a8": (6.0, 0.85), "fp8": (15.0, 0.98),
-                 "nvfp4": (6.0, 0.85)}
+                 "nvfp4": (12.0, 0.97)}  # nvfp4 + rank 32 measured 17.0-18.8 dB mean, 0.990-0.993 (sao-mini/tiny)
 
 # quadit before issue 14's passes: weights rounded to nearest with abs-max scales, the noise-model smoothing
 # search (needs neither second moments nor input rows; the baselines, structure-only graphs, comparisons)
