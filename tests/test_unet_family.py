@@ -155,7 +155,9 @@ def test_checkpoint_export_unet_reproduces_diffusers_forward(exports, preset):
     if preset == "tango-mini":  # the padding mask reaches the graph: unpadded, the padded sample's output moves
         unpadded = ort_session(out / "unet.onnx").run(
             ["noise_pred"], {**numpy_feeds, "encoder_attention_mask": np.ones((2, 64), np.float32)})[0]
-        assert np.abs(unpadded[1] - graph[1]).max() > 1e-2 and np.array_equal(unpadded[0], graph[0])  # 0.50, 0
+        # measured 4.7e-3, 0 (0.50 before the synthetic weights' planted timestep channels, which dominate the
+        # output at the padded sample's t = 37)
+        assert np.abs(unpadded[1] - graph[1]).max() > 1e-3 and np.array_equal(unpadded[0], graph[0])
 
 
 @pytest.fixture(scope="module")
