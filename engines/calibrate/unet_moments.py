@@ -11,7 +11,7 @@ Bounded cost: each call contributes at most `max_rows` rows per layer (evenly sp
 deterministic), so memory is fixed by the layers' K^2 (float32 sums: 21 MB for the widest 2304-row conv of the
 minis) and the work by (calls x layers x max_rows x K^2), not by the latent's length. Calibration sums over
 the first `MOMENT_PROMPTS` prompts' trajectories only (a 3x3 convolution's patch sums cost seconds per UNet
-call on 2 CPU cores; 2 prompts x 10 steps x 2 CFG halves x 128 rows = 5120 rows per layer).
+call on 2 CPU cores; 2 prompts x 10 steps, CFG's halves in one batch, x 128 rows = 2560 rows per layer).
 """
 from __future__ import annotations
 
