@@ -23,7 +23,8 @@ QUANTIZED = ("w8a8", "w4a16", "w4a8", "fp8", "nvfp4")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quadit export", description=__doc__)
     add_model_args(parser)
-    parser.add_argument("--scheme", default="fp32", help="fp32, fp16, w8a8, w4a16, w4a8, fp8 (E4M3) or nvfp4 (W4A4 FP4, Blackwell); fp8 and nvfp4 need --target tensorrt")
+    parser.add_argument("--scheme", default="fp32", help="fp32, fp16, w8a8, w4a16, w4a8, fp8 (E4M3) or nvfp4 (W4A4 FP4, "
+                        "Blackwell); fp8 and nvfp4 need --target tensorrt")
     parser.add_argument("--method", default="timestep-smoothquant",
                         help="minmax, smoothquant or timestep-smoothquant (default)")
     parser.add_argument("--alpha", type=float, default=0.5, help="smoothing strength (0..1)")

@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from exporter.errors import InputError
 from exporter.passes import qdq
 from exporter.passes.conv_lowbit import BITS, FLOAT, conv_channels, int4_block, weight_kn
-from exporter.passes.conv_quant import _init, _per_channel_view, locate_sites, smoothing_factors
+from exporter.passes.conv_quant import initializer, locate_sites, per_channel_view, smoothing_factors
 from exporter.passes.gptq import WeightQuant, output_error, quantize_weight
 from exporter.passes.lowrank import svd_split
 from exporter.passes.recipe import ORT_INT4_BLOCKS, TRT_INT4_BLOCKS
@@ -60,15 +60,15 @@ def layer_costs(model: onnx.ModelProto, sites: Mapping[str, Any], ch_absmax: Map
         groups.setdefault(site.activation, []).append(layer)
     rows = []
     for tensor, members in groups.items():
-        weights = {m: numpy_helper.to_array(_init(model, sites[m].weight)).astype(np.float64) for m in members}
+        weights = {m: numpy_helper.to_array(initializer(model, sites[m].weight)).astype(np.float64) for m in members}
         amax = np.max([np.asarray(ch_absmax[m], np.float64) for m in members], axis=0)
-        factors = smoothing_factors(amax.max(axis=0), [_per_channel_view(weights[m], sites[m].k_axis) for m in members],
+        factors = smoothing_factors(amax.max(axis=0), [per_channel_view(weights[m], sites[m].k_axis) for m in members],
                                     options.alpha) if options.method != "minmax" else np.ones(amax.shape[1])
         steps2 = float(np.mean(((amax / factors[None, :]).max(axis=1) / 127.0) ** 2))
         for m in members:
             site, w = sites[m], weights[m]
             shape = list(w.shape)
-            fsize = 2 if _init(model, site.weight).data_type == onnx.TensorProto.FLOAT16 else 4
+            fsize = 2 if initializer(model, site.weight).data_type == onnx.TensorProto.FLOAT16 else 4
             raw = weight_kn(w, site)
             k, n = raw.shape
             h = xtx.get(m)

@@ -39,7 +39,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporter.onnx import graph_edit
 from exporter.passes import names, qdq
-from exporter.passes.conv_quant import WeightedSite, _broadcast, _const, _init, _per_channel_view, _rank, smoothing_factors
+from exporter.passes.conv_quant import (
+    WeightedSite,
+    activation_rank,
+    add_constant,
+    broadcast_along,
+    initializer,
+    per_channel_view,
+    smoothing_factors,
+)
 from exporter.passes.gptq import WeightQuant, output_error, quantize_weight
 from exporter.passes.lowrank import svd_split
 from exporter.passes.quantize import PRESCALE_MAX, bucket_index, gathered, static_qdq
@@ -110,7 +118,7 @@ def plan_layers(model: onnx.ModelProto, sites: Mapping[str, WeightedSite], wante
         if BITS.get(plan.scheme) != 4:
             out[layer] = plan
             continue
-        shape = list(_init(model, site.weight).dims)
+        shape = list(initializer(model, site.weight).dims)
         if target == "tensorrt" and site.op_type == "Conv":
             notes.append(f"{layer}: TensorRT's INT4 weight-only path is GEMM-only; the Conv2d stays FP16")
             out[layer] = LayerPlan(FLOAT)
@@ -216,24 +224,24 @@ def quantize_unet_mixed(model: onnx.ModelProto, sites: Mapping[str, WeightedSite
             raise ValueError(f"layers {[s.layer for s in members]} read one tensor, but only some quantize it; "
                              "give them all activation-quantized or all weight-only precisions")
         quant_act = acts.pop()
-        ftype = {TensorProto.FLOAT16: np.float16}.get(_init(model, members[0].weight).data_type, np.float32)
-        shapes = {s.layer: list(_init(model, s.weight).dims) for s in members}
-        weights = {s.layer: numpy_helper.to_array(_init(model, s.weight)).astype(np.float64) for s in members}
-        rank = _rank(members[0])
+        ftype = {TensorProto.FLOAT16: np.float16}.get(initializer(model, members[0].weight).data_type, np.float32)
+        shapes = {s.layer: list(initializer(model, s.weight).dims) for s in members}
+        weights = {s.layer: numpy_helper.to_array(initializer(model, s.weight)).astype(np.float64) for s in members}
+        rank = activation_rank(members[0])
         x, x_branch, factors, post, per_bucket, act_info = tensor, tensor, None, None, False, {}
         if quant_act:
             amax = np.max([np.asarray(ch_absmax[s.layer], np.float64) for s in members], axis=0)
             factors = np.ones(amax.shape[1])
             if method != "minmax":
-                factors = smoothing_factors(amax.max(axis=0), [_per_channel_view(weights[s.layer], s.k_axis)
+                factors = smoothing_factors(amax.max(axis=0), [per_channel_view(weights[s.layer], s.k_axis)
                                                                 for s in members], alpha)
-                inv = _const(model, _broadcast(1.0 / factors, rank, 1 if rank == 4 else rank - 1),
+                inv = add_constant(model, broadcast_along(1.0 / factors, rank, 1 if rank == 4 else rank - 1),
                              names.smooth_inv(tensor), ftype)
                 model.graph.node.append(helper.make_node("Mul", [tensor, inv], [names.smoothed(tensor)],
                                                          name=names.smooth_mul(tensor)))
                 x = x_branch = names.smoothed(tensor)
                 for s in members:
-                    weights[s.layer] = weights[s.layer] * _broadcast(factors, weights[s.layer].ndim, s.k_axis)
+                    weights[s.layer] = weights[s.layer] * broadcast_along(factors, weights[s.layer].ndim, s.k_axis)
             ranges = np.maximum((amax / factors[None, :]).max(axis=1), 1e-8)
             per_bucket = method == "timestep-smoothquant" and len(ranges) > 1
             if per_bucket:
@@ -290,9 +298,9 @@ def _output_chain(model: onnx.ModelProto, node: onnx.NodeProto, site: WeightedSi
     if branch is not None:
         steps.append(("Add", branch, "lowrank_add"))
     if bias_init:
-        bias = numpy_helper.to_array(_init(model, bias_init)).astype(ftype)
+        bias = numpy_helper.to_array(initializer(model, bias_init)).astype(ftype)
         del node.input[2]
-        b = _const(model, bias.reshape([1, -1, 1, 1]) if site.op_type == "Conv" else bias,
+        b = add_constant(model, bias.reshape([1, -1, 1, 1]) if site.op_type == "Conv" else bias,
                    names.private(bias_init, site.layer), ftype)
         steps.append(("Add", b, "bias"))
     current = names.matmul_out(site.layer, "nobias")

@@ -95,16 +95,16 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
-def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+def initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     return next(t for t in model.graph.initializer if t.name == name)
 
 
-def _per_channel_view(w: np.ndarray, k_axis: int) -> np.ndarray:
+def per_channel_view(w: np.ndarray, k_axis: int) -> np.ndarray:
     """[K, rest]: channel k's weights in row k (a Conv's out and kh x kw together)."""
     return np.moveaxis(w, k_axis, 0).reshape(w.shape[k_axis], -1)
 
 
-def _broadcast(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
+def broadcast_along(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
     shape = [1] * rank
     shape[axis] = -1
     return values.reshape(shape)
@@ -116,7 +116,7 @@ def int8_weight(w: np.ndarray, n_axis: int, dtype: type, bits: int = 8) -> tuple
     qmax = float(2 ** (bits - 1) - 1)
     absmax = np.abs(np.moveaxis(w, n_axis, 0).reshape(w.shape[n_axis], -1)).max(axis=1)
     scale = qdq.positive_scale(np.maximum(absmax.astype(np.float64) / qmax, 1e-12), dtype)
-    codes = np.clip(np.rint(w / _broadcast(scale.astype(np.float64), w.ndim, n_axis)), -qmax, qmax).astype(np.int8)
+    codes = np.clip(np.rint(w / broadcast_along(scale.astype(np.float64), w.ndim, n_axis)), -qmax, qmax).astype(np.int8)
     return codes, scale
 
 
@@ -129,12 +129,12 @@ def smoothing_factors(amax: np.ndarray, weights: Sequence[np.ndarray], alpha: fl
     return np.clip(s, 1e-4, 1e4)
 
 
-def _const(model: onnx.ModelProto, array: np.ndarray, name: str, dtype: type) -> str:
+def add_constant(model: onnx.ModelProto, array: np.ndarray, name: str, dtype: type) -> str:
     model.graph.initializer.append(qdq.constant(array, name, dtype))
     return name
 
 
-def _rank(site: WeightedSite) -> int:
+def activation_rank(site: WeightedSite) -> int:
     """The rank of the site's activation and output: a Conv2d's [B, C, H, W], a Gemm's [B, K] (the exporter
     writes a Linear on a 2-D input as Gemm), a MatMul's [B, S, K] (the transformer blocks' Linears)."""
     return {"Conv": 4, "Gemm": 2}.get(site.op_type, 3)
@@ -147,10 +147,10 @@ def _split_bias(model: onnx.ModelProto, node: onnx.NodeProto, site: WeightedSite
     node.output[0] = raw
     nodes = [helper.make_node("Mul", [raw, post], [scaled] if site.bias else [out], name=names.node(site.layer, "post"))]
     if site.bias:
-        bias = numpy_helper.to_array(_init(model, site.bias)).astype(ftype)
+        bias = numpy_helper.to_array(initializer(model, site.bias)).astype(ftype)
         del node.input[2]
-        rank = _rank(site) if site.op_type == "Conv" else 1
-        b = _const(model, bias.reshape([1, -1] + [1] * (rank - 2)) if site.op_type == "Conv" else bias,
+        rank = activation_rank(site) if site.op_type == "Conv" else 1
+        b = add_constant(model, bias.reshape([1, -1] + [1] * (rank - 2)) if site.op_type == "Conv" else bias,
                    names.private(site.bias, site.layer), ftype)
         nodes.append(helper.make_node("Add", [scaled, b], [out], name=names.node(site.layer, "bias")))
     model.graph.node.extend(nodes)
@@ -170,22 +170,22 @@ def quantize_unet(model: onnx.ModelProto, sites: Mapping[str, WeightedSite], ch_
     record: dict[str, dict[str, Any]] = {}
     bucket = None
     for tensor, members in groups.items():
-        ftype = {onnx.TensorProto.FLOAT16: np.float16}.get(_init(model, members[0].weight).data_type, np.float32)
-        weights = {s.layer: numpy_helper.to_array(_init(model, s.weight)).astype(np.float64) for s in members}
+        ftype = {onnx.TensorProto.FLOAT16: np.float16}.get(initializer(model, members[0].weight).data_type, np.float32)
+        weights = {s.layer: numpy_helper.to_array(initializer(model, s.weight)).astype(np.float64) for s in members}
         amax = np.max([np.asarray(ch_absmax[s.layer], np.float64) for s in members], axis=0)  # [K, C]
-        rank = _rank(members[0])
+        rank = activation_rank(members[0])
         x = tensor
         factors = np.ones(amax.shape[1])
         if method != "minmax":
-            factors = smoothing_factors(amax.max(axis=0), [_per_channel_view(weights[s.layer], s.k_axis)
+            factors = smoothing_factors(amax.max(axis=0), [per_channel_view(weights[s.layer], s.k_axis)
                                                             for s in members], alpha)
-            inv = _const(model, _broadcast(1.0 / factors, rank, 1 if rank == 4 else rank - 1),
+            inv = add_constant(model, broadcast_along(1.0 / factors, rank, 1 if rank == 4 else rank - 1),
                          names.smooth_inv(tensor), ftype)
             model.graph.node.append(helper.make_node("Mul", [tensor, inv], [names.smoothed(tensor)],
                                                      name=names.smooth_mul(tensor)))
             x = names.smoothed(tensor)
             for s in members:
-                weights[s.layer] = weights[s.layer] * _broadcast(factors, weights[s.layer].ndim, s.k_axis)
+                weights[s.layer] = weights[s.layer] * broadcast_along(factors, weights[s.layer].ndim, s.k_axis)
         ranges = np.maximum((amax / factors[None, :]).max(axis=1), 1e-8)  # per bucket
         per_bucket = method == "timestep-smoothquant" and len(ranges) > 1
         if per_bucket:

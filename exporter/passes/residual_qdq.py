@@ -39,7 +39,7 @@ _PASS_THROUGH = ("Mul", "Div", "Cast")  # ops between an Add and a quantizer tha
 RESIDUAL_LAYERS = ("conv2", "proj_out")  # the convolutions a diffusers UNet block adds its skip connection to
 
 
-def _quantized_conv(model: onnx.ModelProto, tensor: str, producers: dict[str, onnx.NodeProto],
+def quantized_conv(model: onnx.ModelProto, tensor: str, producers: dict[str, onnx.NodeProto],
                     inits: set[str], depth: int = 3) -> onnx.NodeProto | None:
     node = producers.get(tensor)
     for _ in range(depth):
@@ -64,7 +64,7 @@ def residual_adds(model: onnx.ModelProto) -> list[dict[str, Any]]:
     for node in model.graph.node:
         if node.op_type != "Add" or len(node.input) != 2 or any(i in inits for i in node.input):
             continue
-        convs = [_quantized_conv(model, i, producers, inits) for i in node.input]
+        convs = [quantized_conv(model, i, producers, inits) for i in node.input]
         skip = [k for k in (0, 1) if convs[k] is not None and
                 (node_scope(convs[k], "unet.") or "").rsplit(".", 1)[-1] in RESIDUAL_LAYERS]
         if not skip:

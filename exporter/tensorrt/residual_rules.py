@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import onnx
 
-from exporter.passes.residual_qdq import _quantized_conv
+from exporter.passes.residual_qdq import quantized_conv
 
 
 def _act_dq(tensor: str, producers: dict[str, onnx.NodeProto], inits: set[str]) -> bool:
@@ -35,7 +35,7 @@ def residual_adds(model: onnx.ModelProto) -> tuple[int, list[tuple[str, str]]]:
         quantized = [k for k in (0, 1) if _act_dq(n.input[k], producers, inits)]
         if not quantized:
             continue
-        if len(quantized) == 1 and _quantized_conv(model, n.input[1 - quantized[0]], producers, inits) is not None:
+        if len(quantized) == 1 and quantized_conv(model, n.input[1 - quantized[0]], producers, inits) is not None:
             fused += 1
             continue
         bad.append((n.name, "an INT8 residual input fuses only into the quantized convolution the Add follows; "
