@@ -48,7 +48,7 @@ from engines.serving.api import (  # noqa: F401 - the request API, re-exported w
     RequestErrorsAtDebug,
     parse_request,
 )
-from engines.serving.families import ServedFamily, served_family, warm_up
+from engines.serving.families import ServedFamily, served_family
 from engines.serving.scheduler import GenerateScheduler, SchedulerConfig, results
 from exporter.errors import InputError
 
@@ -365,7 +365,6 @@ def serve(pipeline: Any, server: ServerConfig, scheduling: SchedulerConfig,
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     family = served_family(pipeline)
-    log.info("warm-up generation (%s family) done in %.1f s", family.name, warm_up(family, scheduling.dit_batch_sizes))
     scheduler = GenerateScheduler(pipeline, scheduling, family=family)
     in_flight, code = InFlight(scheduling.inflight), 0
     triton = None
