@@ -187,8 +187,9 @@ def test_speed_model_costs_nvfp4_on_blackwell_only(nvfp4_graphs):
     out = prediction["gpus"]
     assert GPUS["B200"].fp4_tflops == 2 * GPUS["B200"].fp8_tflops
     assert out["B200"]["nvfp4"]["speedup_vs_fp16"] > 1.0
-    # the branch's two FP16 GEMMs cost time: rank 32 is slower than plain NVFP4, still faster than FP16
-    assert out["B200"]["nvfp4"]["total_ms"] < out["B200"]["nvfp4-r32"]["total_ms"] < out["B200"]["fp16"]["total_ms"]
+    # the branch's two FP16 GEMMs and its Add run unfused in TensorRT (SVDQuant's kernels fuse them; TensorRT has
+    # no such fusion): at sao-mini's widths they cost more than FP4 saves (0.29 vs 0.24 ms FP16, 0.20 ms without)
+    assert out["B200"]["nvfp4"]["total_ms"] < out["B200"]["fp16"]["total_ms"] < out["B200"]["nvfp4-r32"]["total_ms"]
     for gpu in ("H100", "H200", "L40S", "RTX 4090"):
         assert "FP4" in out[gpu]["nvfp4"]["unsupported"] and "total_ms" not in out[gpu]["nvfp4"]
     assert "not supported" in markdown(prediction, 1024, 2)
