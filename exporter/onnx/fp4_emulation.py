@@ -108,11 +108,7 @@ def emulate(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     g = out.graph
     inits = {t.name: t for t in g.initializer}
-    producer = {o: node for node in g.node for o in node.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for i in node.input:
-            users.setdefault(i, []).append(node)
+    producer, users = graph_edit.producers(out), graph_edit.consumers(out)
     drop: set[int] = set()
     new_nodes: list[onnx.NodeProto] = []
     dropped_inits: set[str] = set()

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporter.onnx import graph_edit
+
 QUANTIZER = "TRT_FP4DynamicQuantize"
 BLOCK = 16
 
@@ -62,11 +64,7 @@ def check_fp4(model: onnx.ModelProto) -> Iterator[tuple[str, str, str]]:
     """(rule, node, detail) for every NVFP4 rule the graph breaks (nothing for a graph without FP4)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    producers, users = graph_edit.producers(model), graph_edit.consumers(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     has_fp4 = False
     for n in g.node:
