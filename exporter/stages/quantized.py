@@ -132,7 +132,9 @@ def session_config(recipe: Recipe, layers: Sequence[str], target: str | None = N
     """The manifest's `ort_session_config`: what the graph needs to mean what it says (W4A16_SESSION_CONFIG
     when any layer is w4a16: a mixed recipe's w4a16 layers too, whatever its top-level scheme) plus, for the
     ONNX Runtime target, the session options chosen by measurement (exporter/passes/ort_fusion.py)."""
-    w4a16 = any(s and s["scheme"] == "w4a16" for s in recipe.resolve(layers).values())
+    # nvfp4's INT4 fallback (exporter/passes/nvfp4_fallback.py) may turn any nvfp4 layer into w4a16
+    w4a16 = any(s and (s["scheme"] == "w4a16" or (s["scheme"] == "nvfp4" and recipe.nvfp4_fallback_db > 0))
+                for s in recipe.resolve(layers).values())
     return {**(ORT_SESSION_CONFIG if target == "onnxruntime" else {}), **(W4A16_SESSION_CONFIG if w4a16 else {}),
             **(FP8_ATTENTION_SESSION_CONFIG if recipe.attention_quant == "fp8" else {})}
 
