@@ -8,11 +8,10 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from conftest import RTN
+from conftest import RTN, sqnr_vs_reference
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from engines.evaluation.accuracy import sqnr_db
 from exporter.errors import InputError
 from exporter.models.layers import quantizable_linears
 from exporter.onnx.torch_export import ort_session
@@ -91,16 +90,8 @@ def test_fp8_graph_is_tensorrt_clean_with_fp8_gemms_and_fusable_attention(fp8_gr
 
 def test_fp8_graph_runs_in_onnx_runtime_near_int8_accuracy(fp8_graphs):
     """ONNX Runtime executes the FP8 Q/DQ exactly (as float math), so the graph's accuracy is measured here."""
-    rng = np.random.default_rng(3)
     sessions = {k: ort_session(v[0]) for k, v in fp8_graphs.items()}
-    snr: dict[str, list[float]] = {"fp8": [], "w8a8": []}
-    for t in (0.9, 0.5, 0.1):
-        feeds = {"x": rng.standard_normal((2, 64, 24)).astype(np.float32), "t": np.array([t, t], np.float32),
-                 "cross_attn_cond": rng.standard_normal((2, 66, 256)).astype(np.float32),
-                 "global_embed": rng.standard_normal((2, 512)).astype(np.float32)}
-        ref = sessions["fp16"].run(None, feeds)[0]
-        for name in snr:
-            snr[name].append(sqnr_db(ref, sessions[name].run(None, feeds)[0]))
+    snr = sqnr_vs_reference(sessions, ("fp8", "w8a8"))
     assert min(snr["fp8"]) > 8.0, snr
     # E4M3's 3 mantissa bits cost per-tensor FP8 some SQNR against INT8 after smoothing: on these feeds 1.52 dB
     # (fp8 12.93, w8a8 14.44 dB mean, Dec 2026); on held-out prompts 5-7 dB of step SQNR (docs/results/issue22)

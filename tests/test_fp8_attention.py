@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from conftest import RTN, one_line_error, run_script
+from conftest import RTN, one_line_error, run_script, sqnr_vs_reference
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.evaluation.accuracy import sqnr_db
@@ -177,17 +177,9 @@ def test_sao_mini_fp8_attention_graph_is_tensorrt_clean_with_fused_fp8_mha(atten
 
 def test_fp8_attention_costs_little_accuracy_in_onnx_runtime(attention_graphs):
     """ONNX Runtime executes the FP8 Q/DQ exactly (as float math): the attention Q/DQ cost on top of fp8 GEMMs."""
-    rng = np.random.default_rng(3)
     sessions = {k: ort_session(v[0], FP8_ATTENTION_SESSION_CONFIG if k == "fp8+attn" else None)
                 for k, v in attention_graphs.items()}
-    snr: dict[str, list[float]] = {"fp8": [], "fp8+attn": []}
-    for t in (0.9, 0.5, 0.1):
-        feeds = {"x": rng.standard_normal((2, 64, 24)).astype(np.float32), "t": np.array([t, t], np.float32),
-                 "cross_attn_cond": rng.standard_normal((2, 66, 256)).astype(np.float32),
-                 "global_embed": rng.standard_normal((2, 512)).astype(np.float32)}
-        ref = sessions["fp16"].run(None, feeds)[0]
-        for name in snr:
-            snr[name].append(sqnr_db(ref, sessions[name].run(None, feeds)[0]))
+    snr = sqnr_vs_reference(sessions, ("fp8", "fp8+attn"))
     assert min(snr["fp8+attn"]) > 8.0, snr
     assert np.mean(snr["fp8+attn"]) > np.mean(snr["fp8"]) - 1.0, snr
 

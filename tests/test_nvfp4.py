@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import sqnr_vs_reference
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
@@ -157,19 +158,10 @@ def test_nvfp4_graph_is_tensorrt_clean_with_fp4_gemms(nvfp4_graphs):
 
 
 def test_nvfp4_runs_emulated_and_the_branch_and_fallback_pay(nvfp4_graphs):
-    from engines.evaluation.accuracy import sqnr_db
     from exporter.onnx.torch_export import ort_session
 
-    rng = np.random.default_rng(3)
     sessions = {k: ort_session(v[0]) for k, v in nvfp4_graphs.items()}
-    snr: dict[str, list[float]] = {k: [] for k in nvfp4_graphs if k != "fp16"}
-    for t in (0.9, 0.5, 0.1):
-        feeds = {"x": rng.standard_normal((2, 64, 24)).astype(np.float32), "t": np.array([t, t], np.float32),
-                 "cross_attn_cond": rng.standard_normal((2, 66, 256)).astype(np.float32),
-                 "global_embed": rng.standard_normal((2, 512)).astype(np.float32)}
-        ref = sessions["fp16"].run(None, feeds)[0]
-        for name in snr:
-            snr[name].append(sqnr_db(ref, sessions[name].run(None, feeds)[0]))
+    snr = sqnr_vs_reference(sessions, [k for k in nvfp4_graphs if k != "fp16"])
     mean = {k: float(np.mean(v)) for k, v in snr.items()}
     assert mean["nvfp4"] > 3.0, mean
     assert mean["nvfp4-r32"] > mean["nvfp4"] + 1.0, mean
